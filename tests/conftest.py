@@ -1,0 +1,17 @@
+"""Shared test setup: 8 forced CPU devices (sharding tests), float32 matmuls, hypothesis profile."""
+
+import os
+
+# Must precede the first jax import anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # Tests never touch the network.
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+settings.register_profile(
+    "dictlearn", deadline=None, max_examples=25, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("dictlearn")
