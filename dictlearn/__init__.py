@@ -16,6 +16,6 @@ from dictlearn.dictionary import (
     pre_activations,
     random_dictionary,
 )
-from dictlearn import hookpoints
+from dictlearn import hookpoints, metrics
 
 __version__ = "0.1.0"
