@@ -1,0 +1,352 @@
+"""Penzai layers around the core dictionaries, and the intervention layers hooks insert.
+
+``SAELayer`` and ``TranscoderLayer`` hold a ``dictlearn`` dictionary (a pytree; treescope
+shows its weights and metadata) and run it on NamedArrays: they unwrap the feature axis
+and call ``dictlearn.encode``/``decode``, never re-implementing the math. Latents come
+back on an axis named ``latents``.
+
+The intervention layers (``Capture``, ``Stash``, ``Splice``, ``Steer``, ``EditLatents``)
+are what ``dictlearn_penzai.hooks`` puts after a site's ``HookPoint``. Each one is pure
+apart from the ``StateVariable`` it names, works on any batch axes, under ``jax.jit``
+and in KV-cached sampling, and finds BOS through the ``token_positions`` side input
+(position 0; padding is -1), so left-padded batches and decode steps are handled.
+
+Shapes: values at a site are NamedArrays with axes ``batch``, ``seq`` and a feature axis
+(``embedding``, or at attn_z the model's head axes plus ``projection``, which
+``to_features`` flattens to one ``attn_z`` axis in o_proj order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from penzai import pz
+
+import dictlearn
+from dictlearn_penzai.sites import ATTN_Z_AXIS, HEAD_AXES, Site
+
+NamedArray = pz.nx.NamedArray
+LATENTS = "latents"
+
+
+# ------------------------------------------------------------------ feature axes
+
+
+def to_features(x: NamedArray) -> tuple[NamedArray, str, Callable[[NamedArray], NamedArray]]:
+  """Gives ``x`` a single named feature axis.
+
+  Returns ``(flat, axis, restore)``: ``flat`` has every axis of ``x`` except the features,
+  plus ``axis`` (``embedding`` or ``attn_z``); ``restore`` maps a value shaped like
+  ``flat`` back to ``x``'s axes. At attn_z, the head axes (``heads``, or
+  ``head_groups`` then ``query_heads``) and ``projection`` are flattened head-major,
+  which is the order of transformers' o_proj input (heads x head_dim).
+  """
+  shape = x.named_shape
+  for axis in ("embedding", ATTN_Z_AXIS):
+    if axis in shape:
+      return x, axis, lambda y: y
+  if "projection" in shape:
+    heads = tuple(a for a in HEAD_AXES if a in shape) + ("projection",)
+    sizes = tuple(shape[a] for a in heads)
+    flat = pz.nx.nmap(lambda a: a.reshape(-1))(x.untag(*heads)).tag(ATTN_Z_AXIS)
+
+    def restore(y):
+      return pz.nx.nmap(lambda a: a.reshape(sizes))(y.untag(ATTN_Z_AXIS)).tag(*heads)
+
+    return flat, ATTN_Z_AXIS, restore
+  raise ValueError(
+      f"cannot find a feature axis in a value with axes {dict(shape)}; expected "
+      "'embedding', 'attn_z', or head axes with 'projection'")
+
+
+def features(x: NamedArray) -> NamedArray:
+  """``x`` with its single feature axis (see ``to_features``)."""
+  return to_features(x)[0]
+
+
+# ------------------------------------------------------------- dictionary layers
+
+
+class _DictionaryLayer(pz.nn.Layer):
+  """Shared encode over a named feature axis; subclasses define decode/forward."""
+
+  def _apply(self, fn, x: NamedArray, out_axis: str) -> NamedArray:
+    flat, axis, _ = to_features(x)
+    return pz.nx.nmap(fn)(flat.untag(axis)).tag(out_axis)
+
+  def encode(self, x: NamedArray) -> NamedArray:
+    """Latent activations (float32) on axis ``latents``, from x with one feature axis."""
+    return self._apply(
+        lambda v: dictlearn.encode(self.dictionary, v, compute_dtype=self.compute_dtype),
+        x, LATENTS)
+
+  @property
+  def width(self) -> int:
+    return self.dictionary.width
+
+  @property
+  def meta(self):
+    return self.dictionary.meta
+
+  def treescope_color(self):
+    return "#d9a3ff"
+
+
+@pz.pytree_dataclass
+class SAELayer(_DictionaryLayer):
+  """A JumpReLU SAE as a penzai layer: ``x -> reconstruction`` over a named feature axis.
+
+  Attributes:
+    dictionary: a ``dictlearn.JumpReLUSAE`` (weights are pytree leaves, meta static).
+    compute_dtype: matmul operand dtype passed to the core (float32 accumulation).
+  """
+
+  dictionary: dictlearn.JumpReLUSAE
+  compute_dtype: Any = dataclasses.field(default=jnp.float32,
+                                         metadata={"pytree_node": False})
+
+  def decode(self, f: NamedArray, axis: str = "embedding") -> NamedArray:
+    """Reconstruction (float32) on feature axis ``axis`` from latents on ``latents``."""
+    return pz.nx.nmap(
+        lambda v: dictlearn.decode(self.dictionary, v, compute_dtype=self.compute_dtype)
+    )(f.untag(LATENTS)).tag(axis)
+
+  def forward(self, x: NamedArray) -> NamedArray:
+    """Reconstruction (float32) with the same single feature axis as ``features(x)``."""
+    _, axis, _ = to_features(x)
+    return self._apply(
+        lambda v: dictlearn.forward(self.dictionary, v, compute_dtype=self.compute_dtype),
+        x, axis)
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    """Reconstruction in x's own axes and dtype (attn_z keeps its head axes)."""
+    _, _, restore = to_features(x)
+    return restore(self.forward(x)).astype(x.dtype)
+
+
+@pz.pytree_dataclass
+class TranscoderLayer(_DictionaryLayer):
+  """A JumpReLU transcoder as a penzai layer: reads x (d_in), predicts y (d_out).
+
+  ``__call__(x)`` gives the prediction on axis ``embedding``; ``decode(f, x)`` needs x
+  when the transcoder is affine (``w_skip``).
+  """
+
+  dictionary: dictlearn.Transcoder
+  compute_dtype: Any = dataclasses.field(default=jnp.float32,
+                                         metadata={"pytree_node": False})
+
+  def decode(self, f: NamedArray, x: NamedArray | None = None,
+             axis: str = "embedding") -> NamedArray:
+    """Prediction (float32) on ``axis`` from latents (and x, for the skip term)."""
+    fn = lambda fv, xv=None: dictlearn.decode(  # noqa: E731
+        self.dictionary, fv, xv, compute_dtype=self.compute_dtype)
+    if x is None:
+      return pz.nx.nmap(fn)(f.untag(LATENTS)).tag(axis)
+    flat, in_axis, _ = to_features(x)
+    return pz.nx.nmap(fn)(f.untag(LATENTS), flat.untag(in_axis)).tag(axis)
+
+  def forward(self, x: NamedArray, axis: str = "embedding") -> NamedArray:
+    return self._apply(
+        lambda v: dictlearn.forward(self.dictionary, v, compute_dtype=self.compute_dtype),
+        x, axis)
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    return self.forward(x).astype(x.dtype)
+
+
+def dictionary_layer(dictionary, compute_dtype=jnp.float32) -> SAELayer | TranscoderLayer:
+  """Wraps a core dictionary in the matching penzai layer (layers pass through)."""
+  if isinstance(dictionary, _DictionaryLayer):
+    return dictionary
+  if isinstance(dictionary, dictlearn.Transcoder):
+    return TranscoderLayer(dictionary=dictionary, compute_dtype=compute_dtype)
+  if isinstance(dictionary, dictlearn.JumpReLUSAE):
+    return SAELayer(dictionary=dictionary, compute_dtype=compute_dtype)
+  raise TypeError(f"expected a dictlearn JumpReLUSAE or Transcoder, got "
+                  f"{type(dictionary).__name__}")
+
+
+# ------------------------------------------------------------- where to intervene
+
+
+def active_positions(x: NamedArray, side_inputs: dict, skip_bos: bool):
+  """Bool NamedArray (batch, seq): True where an intervention applies, or None for all.
+
+  BOS is the token at position 0 of ``token_positions`` (padding has -1), which is
+  where it sits after left padding too and which never occurs in a KV-cached decode
+  step. Without a ``token_positions`` side input, positions count from 0 along seq.
+  """
+  if not skip_bos:
+    return None
+  positions = side_inputs.get("token_positions")
+  if positions is None:
+    positions = pz.nx.arange("seq", x.named_shape["seq"])
+  return positions > 0
+
+
+def _where(active, new: NamedArray, old: NamedArray) -> NamedArray:
+  out = new if active is None else pz.nx.nmap(jnp.where)(active, new, old)
+  return out.astype(old.dtype)
+
+
+class SiteHook(pz.nn.Layer):
+  """Marker base class of every layer a hook inserts after a HookPoint."""
+
+  def treescope_color(self):
+    return "#ffb86b"
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)  # pytype: disable=wrong-keyword-args
+class SiteHooks(pz.nn.Sequential):
+  """The hooks at one site, run in the order they were added (right after the HookPoint)."""
+
+  site: Site = dataclasses.field(default=None, metadata={"pytree_node": False})
+
+  def treescope_color(self):
+    return "#ffb86b"
+
+
+@pz.pytree_dataclass
+class Capture(SiteHook):
+  """Records the value flowing through a site (feature axis flattened) in ``slot``."""
+
+  slot: pz.StateVariable
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    self.slot.value = features(x)
+    return x
+
+
+@pz.pytree_dataclass
+class Stash(SiteHook):
+  """Hands a site's value to a later hook (a transcoder's input) through ``slot``.
+
+  The reader empties the slot again, so between calls it always holds None: a model
+  carrying it keeps the same state structure in every step of a decoding loop.
+  """
+
+  slot: pz.StateVariable
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    self.slot.value = x
+    return x
+
+
+def _take_stash(slot: pz.StateVariable | None, site: Site, x: NamedArray) -> NamedArray:
+  if slot is None:
+    return x
+  value = slot.value
+  if value is None:
+    raise ValueError(
+        f"the transcoder hook at {site} found no input: its reading hook did not run "
+        "first in this call (was the Stash layer removed?)")
+  slot.value = None
+  return value
+
+
+@pz.pytree_dataclass
+class Splice(SiteHook):
+  """Replaces a site's value with the dictionary's output, BOS left alone if asked.
+
+  For an SAE the output is its reconstruction of the value itself; for a transcoder
+  (``input_slot`` set) it is the prediction from the value stashed at its input site.
+  """
+
+  layer: SAELayer | TranscoderLayer
+  input_slot: pz.StateVariable | None
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+  skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    flat, axis, restore = to_features(x)
+    source = _take_stash(self.input_slot, self.site, x)
+    y = self.layer.forward(source) if isinstance(self.layer, SAELayer) else (
+        self.layer.forward(source, axis=axis))
+    return restore(_where(active_positions(x, side_inputs, self.skip_bos), y, flat))
+
+
+@pz.pytree_dataclass
+class Steer(SiteHook):
+  """Adds a direction at every (non-BOS) position, in prefill and in each decode step.
+
+  ``scale="norm"``: ``x + coeff * ||x|| * direction / ||direction||`` per token (the
+  tutorial's steering, scale-free across layers); ``scale="raw"``: ``x + coeff * direction``.
+  ``direction`` is a NamedArray on the site's feature axis; ``coeff`` is a leaf, so new
+  coefficients reuse the compiled model.
+  """
+
+  direction: NamedArray
+  coeff: jax.Array
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+  scale: str = dataclasses.field(default="norm", metadata={"pytree_node": False})
+  skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    flat, axis, restore = to_features(x)
+    xf = flat.astype(jnp.float32)
+    d = self.direction.astype(jnp.float32)
+    if self.scale == "norm":
+      unit = d / pz.nx.nmap(jnp.linalg.norm)(d.untag(axis))
+      add = self.coeff * pz.nx.nmap(jnp.linalg.norm)(xf.untag(axis)) * unit
+    else:
+      add = self.coeff * d
+    return restore(_where(active_positions(x, side_inputs, self.skip_bos), xf + add, flat))
+
+
+@pz.pytree_dataclass
+class EditLatents(SiteHook):
+  """Ablates (``values=None``) or clamps chosen latents, keeping the reconstruction error.
+
+  The site's value becomes ``x + decode(f') - decode(f)`` with ``f`` the latents of the
+  dictionary's input and ``f'`` the same with ``latents`` set to 0 (ablate) or to
+  ``values`` (clamp, at every non-BOS position). Only the chosen latents' contribution
+  changes; what the dictionary misses (x - decode(f)) stays in. For a transcoder the
+  latents are read from the value stashed at its input site and the edit lands on its
+  output site (the skip term cancels).
+  """
+
+  layer: SAELayer | TranscoderLayer
+  latents: jax.Array
+  values: jax.Array | None
+  input_slot: pz.StateVariable | None
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+  skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    flat, axis, restore = to_features(x)
+    source = _take_stash(self.input_slot, self.site, x)
+    f = self.layer.encode(source)
+    new = 0.0 if self.values is None else self.values
+    f_edit = pz.nx.nmap(lambda v: v.at[self.latents].set(new))(f.untag(LATENTS)).tag(LATENTS)
+    if isinstance(self.layer, TranscoderLayer):
+      delta = self.layer.decode(f_edit, source, axis) - self.layer.decode(f, source, axis)
+    else:
+      delta = self.layer.decode(f_edit, axis) - self.layer.decode(f, axis)
+    y = flat.astype(jnp.float32) + delta
+    return restore(_where(active_positions(x, side_inputs, self.skip_bos), y, flat))
+
+
+def direction_array(direction, axis: str, size: int | None = None) -> NamedArray:
+  """A steering direction (d,) as a float32 NamedArray on ``axis``; checks its length.
+
+  Accepts a plain vector or a NamedArray with a single axis of any name (e.g. a row of
+  a decoder on ``embedding``).
+  """
+  if isinstance(direction, pz.nx.NamedArrayBase):
+    names = tuple(direction.named_shape)
+    if len(names) + len(direction.positional_shape) != 1:
+      raise ValueError(f"a direction must have one axis, got {dict(direction.named_shape)} "
+                       f"and positional {direction.positional_shape}")
+    direction = direction.unwrap(*names)
+  arr = jnp.asarray(direction, jnp.float32)
+  if arr.ndim != 1:
+    raise ValueError(f"a direction must be a vector (d,), got shape {tuple(arr.shape)}")
+  if size is not None and arr.shape[0] != size:
+    raise ValueError(f"the direction has {arr.shape[0]} entries but the site carries {size}")
+  return pz.nx.wrap(arr).tag(axis)
