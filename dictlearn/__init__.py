@@ -16,6 +16,7 @@ from dictlearn.dictionary import (
     pre_activations,
     random_dictionary,
 )
-from dictlearn import hookpoints, metrics
+from dictlearn import catalog, hookpoints, metrics
+from dictlearn.io import load, save
 
 __version__ = "0.1.0"

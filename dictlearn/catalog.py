@@ -1,0 +1,139 @@
+"""What Gemma Scope 2 publishes, so a dictionary can be found without browsing the hub.
+
+Gemma Scope 2 has one hub repository per Gemma 3 model: ``google/gemma-scope-2-<size>-<pt|it>``.
+Inside, one folder per site family:
+
+* ``resid_post``, ``attn_out``, ``mlp_out``, ``transcoder``: four layers per model (at
+  25%, 50%, 65% and 85% depth) with a sweep of widths (16k, 65k, 262k, and 1m for the
+  residual stream) and three target L0 buckets (``small`` 10-20, ``medium`` 30-60,
+  ``big`` 90-150);
+* ``resid_post_all``, ``attn_out_all``, ``mlp_out_all``, ``transcoder_all``: every layer,
+  widths 16k and 262k, L0 ``small`` and ``big``;
+* ``clt``: cross-layer transcoders (270m and 1b; not read by dictlearn yet).
+
+Folder names are ``layer_<L>_width_<W>_l0_<bucket>``; transcoders add ``_affine`` for the
+skip-connection variant. The four depths are rounded to layers here (depth * n_layers, half
+up), which reproduces the published examples (1b layer 22, 270m layer 9); when online,
+``list_remote`` reads the actual folders from the hub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SIZES = ("270m", "1b", "4b", "12b", "27b")
+VARIANTS = ("pt", "it")
+SITES = ("resid_post", "attn_out", "mlp_out", "transcoder")
+L0_BUCKETS = ("small", "medium", "big")
+ALL_LAYER_L0_BUCKETS = ("small", "big")
+WIDTHS = {"16k": 16_384, "65k": 65_536, "262k": 262_144, "1m": 1_048_576}
+DEPTHS = (0.25, 0.50, 0.65, 0.85)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+  """Shapes of a Gemma 3 model that a dictionary must agree with."""
+  n_layers: int
+  d_model: int
+  n_heads: int
+  head_dim: int
+
+  @property
+  def attn_z_dim(self) -> int:
+    """d_in of an attn_out SAE: it reads o_proj's input, heads x head_dim."""
+    return self.n_heads * self.head_dim
+
+
+MODELS = {
+    "270m": ModelFacts(n_layers=18, d_model=640, n_heads=4, head_dim=256),
+    "1b": ModelFacts(n_layers=26, d_model=1152, n_heads=4, head_dim=256),
+    "4b": ModelFacts(n_layers=34, d_model=2560, n_heads=8, head_dim=256),
+    "12b": ModelFacts(n_layers=48, d_model=3840, n_heads=16, head_dim=256),
+    "27b": ModelFacts(n_layers=62, d_model=5376, n_heads=32, head_dim=128),
+}
+
+
+def repo_id(size: str, variant: str = "pt") -> str:
+  """``("1b", "pt")`` -> ``"google/gemma-scope-2-1b-pt"``."""
+  _check(size, SIZES, "size")
+  _check(variant, VARIANTS, "variant")
+  return f"google/gemma-scope-2-{size}-{variant}"
+
+
+def releases() -> list[str]:
+  """Every Gemma Scope 2 repository id."""
+  return [repo_id(s, v) for s in SIZES for v in VARIANTS]
+
+
+def sweep_layers(size: str) -> tuple[int, ...]:
+  """The four layers that have the full width and L0 sweep."""
+  n = MODELS[_check(size, SIZES, "size")].n_layers
+  return tuple(int(f * n + 0.5) for f in DEPTHS)
+
+
+def widths(site: str, all_layers: bool = False) -> tuple[str, ...]:
+  _check(site, SITES, "site")
+  if all_layers:
+    return ("16k", "262k")
+  return ("16k", "65k", "262k", "1m") if site == "resid_post" else ("16k", "65k", "262k")
+
+
+def ref(size: str, site: str, layer: int, width: str = "16k", l0: str = "small", *,
+        variant: str = "pt", affine: bool = True, all_layers: bool | None = None) -> str:
+  """A hub reference for ``dictlearn.load``.
+
+  ``all_layers=None`` picks the sweep folder for the four sweep layers, else ``*_all``.
+
+  Raises:
+    ValueError: for a combination Gemma Scope 2 does not publish, naming what exists.
+  """
+  _check(site, SITES, "site")
+  n = MODELS[_check(size, SIZES, "size")].n_layers
+  if not 0 <= layer < n:
+    raise ValueError(f"layer {layer} is out of range: Gemma 3 {size} has {n} layers (0-{n - 1})")
+  if all_layers is None:
+    all_layers = layer not in sweep_layers(size)
+  elif not all_layers and layer not in sweep_layers(size):
+    raise ValueError(
+        f"layer {layer} has no sweep folder for {size}; sweep layers are "
+        f"{sweep_layers(size)} (use all_layers=True for the others)")
+  _check(width, widths(site, all_layers), "width")
+  _check(l0, ALL_LAYER_L0_BUCKETS if all_layers else L0_BUCKETS, "l0")
+  folder = site + ("_all" if all_layers else "")
+  name = f"layer_{layer}_width_{width}_l0_{l0}"
+  if site == "transcoder" and affine:
+    name += "_affine"
+  return f"{repo_id(size, variant)}/{folder}/{name}"
+
+
+def find(size: str, site: str, *, variant: str = "pt", layer: int | None = None,
+         width: str | None = None, l0: str | None = None) -> list[str]:
+  """Every published reference matching the filters (sweep folders and ``*_all``)."""
+  out = []
+  layers = range(MODELS[_check(size, SIZES, "size")].n_layers) if layer is None else [layer]
+  for L in layers:
+    for all_layers in (False, True):
+      if not all_layers and L not in sweep_layers(size):
+        continue
+      for w in widths(site, all_layers):
+        for b in ALL_LAYER_L0_BUCKETS if all_layers else L0_BUCKETS:
+          if (width is None or w == width) and (l0 is None or b == l0):
+            for affine in ((False, True) if site == "transcoder" else (False,)):
+              out.append(ref(size, site, L, w, b, variant=variant, affine=affine,
+                             all_layers=all_layers))
+  return out
+
+
+def list_remote(size: str, variant: str = "pt", *, revision: str | None = None) -> list[str]:
+  """The dictionary folders actually on the hub (needs the network)."""
+  from huggingface_hub import HfApi
+
+  rid = repo_id(size, variant)
+  files = HfApi().list_repo_files(rid, revision=revision)
+  return sorted({f"{rid}/{f.rsplit('/', 1)[0]}" for f in files if f.endswith("params.safetensors")})
+
+
+def _check(value, allowed, what):
+  if value not in allowed:
+    raise ValueError(f"{what} {value!r} is not one of {', '.join(map(str, allowed))}")
+  return value
