@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 from penzai.models.transformer.variants import llamalike_common as llc
@@ -49,19 +51,21 @@ def tiny_model(seed: int = 0, *, layers: int = 4, kv_heads: int = 2, q_per_kv: i
       vocab_size=VOCAB, mlp_variant="geglu_approx", tie_embedder_and_logits=True,
       attention_type=(llc.AttentionTypeSlidingWindowCausal(4), llc.AttentionTypeGlobalCausal()),
       use_post_attn_norm=True, use_post_ffw_norm=True, final_logit_softcap=30.0)
-  model = llc.build_llamalike_transformer(config, init_base_rng=jax.random.key(seed))
-  # Random init gives norm scales of 1 and tiny embeddings; perturb so sites differ.
-  unbound, params = pz.unbind_params(model)
-  model = pz.bind_variables(unbound, [_jitter(p, k) for p, k in zip(
-      params, jax.random.split(jax.random.key(seed + 1), len(params)))])
+  # Built without an RNG (no eager init ops to compile: fast on a busy CPU), then bound
+  # to numpy weights of the shapes the initialiser would give.
+  unbound = llc.build_llamalike_transformer(config, init_base_rng=None)
+  shapes = jax.eval_shape(lambda: {p.label: p.value for p in pz.unbind_params(
+      llc.build_llamalike_transformer(config, init_base_rng=jax.random.key(0)))[1]})
+  rng = np.random.default_rng(seed)
+  params = []
+  for label, v in sorted(shapes.items()):  # v: a NamedArray of ShapeDtypeStructs
+    noise = rng.normal(size=v.data_array.shape).astype(np.float32)
+    value = 1.0 + 0.3 * noise if "norm" in label else 0.25 * noise
+    params.append(pz.Parameter(value=dataclasses.replace(v, data_array=jnp.asarray(value)),
+                               label=label))
+  model = pz.bind_variables(unbound, params)
   subs = list(model.body.sublayers)
   blocks = [i for i, s in enumerate(subs) if isinstance(s, model_parts.TransformerBlock)]
   for layer, i in enumerate(blocks):
     subs[i] = _hooked_block(subs[i], layer)
   return dataclasses.replace(model, body=pz.nn.Sequential(subs))
-
-
-def _jitter(p, key):
-  value = jax.tree_util.tree_map(
-      lambda a: a + 0.3 * jax.random.normal(key, a.shape, a.dtype), p.value)
-  return pz.Parameter(value=value, label=p.label)
