@@ -385,3 +385,24 @@ def test_dictionary_layers_wrap_the_core(model):
   # treescope renders the layer (and the dictionary inside it) without error.
   import treescope
   assert "SAELayer" in treescope.render_to_text(layer)
+
+
+def test_hooks_in_kv_cached_generation(model):
+  """The adapter's generate (a jitted while loop over a KV-cached model) runs the hooks in
+  every step: greedy tokens equal argmax over full uncached passes of the patched model."""
+  sampling = pytest.importorskip("dictlearn_penzai.sampling")
+  m = _composed(model)
+  prompt = _ids([5, 9, 4])
+  new = 5
+  got = sampling.generate_tokens(m, prompt, max_new_tokens=new, stop_ids=())
+  # Causal: trailing filler does not change earlier logits, so one fixed length (one
+  # compilation) serves every step.
+  seq = np.concatenate([prompt, np.ones((1, new), np.int32)], 1)
+  for t in range(prompt.shape[1], prompt.shape[1] + new):
+    logits = _logits(m, seq)[:, t - 1].copy()
+    logits[:, 0] = -np.inf  # generate never emits the pad id
+    seq[:, t] = logits.argmax(-1)
+  np.testing.assert_array_equal(got, seq[:, prompt.shape[1]:])
+  # The transcoder's stash is empty again after generation.
+  stashes = [h for hs in hooks.hooks_at(m).values() for h in hs if isinstance(h, layers.Stash)]
+  assert stashes and all(s.slot.value is None for s in stashes)
