@@ -406,3 +406,32 @@ def test_hooks_in_kv_cached_generation(model):
   # The transcoder's stash is empty again after generation.
   stashes = [h for hs in hooks.hooks_at(m).values() for h in hs if isinstance(h, layers.Stash)]
   assert stashes and all(s.slot.value is None for s in stashes)
+
+
+def test_on_the_tiny_gemma3():
+  """The same invariants on the adapter's own Gemma 3 (QK-norm, merged heads, windows)."""
+  dp = pytest.importorskip("dictlearn_penzai")
+  config = dp.get_preset("tiny")
+  m = dp.from_gemma_params(dp.init_gemma_params(config, seed=3), preset=config)
+  d, z = config.d_model, config.num_heads * config.head_dim
+  ids = np.asarray([[2, 17, 30, 99, 5, 250, 7, 8, 41]], np.int32)
+  _, clean = hooks.run_with_cache(m, ids, ["attn_z.6", "resid_post.6"])
+  assert clean["attn_z.6"].named_shape == {"batch": 1, "seq": 9, "attn_z": z}
+  assert hooks.site_width(m, sites.attn_z(0)) == z
+  exact = hooks.splice(hooks.splice(m, exact_sae(z, sites.attn_z(3)), skip_bos=False),
+                       exact_sae(d, sites.mlp_out(5)))
+  np.testing.assert_allclose(_logits(exact, ids), _logits(m, ids), rtol=1e-4, atol=1e-4)
+  tc = dictlearn.random_dictionary(
+      jax.random.key(0), d, 64, kind="transcoder", affine=True, threshold=0.05,
+      meta=dictlearn.DictMeta(kind="transcoder", site="mlp_in", layer=4))
+  patched = hooks.steer(hooks.splice(m, tc), "attn_z.1", np.ones(z), 0.5)
+  prompt = ids[:, :4]
+  got = dp.generate_tokens(patched, prompt, max_new_tokens=4, stop_ids=())
+  seq = np.concatenate([prompt, np.ones((1, 4), np.int32)], 1)
+  for t in range(4, 8):
+    logits = _logits(patched, seq)[:, t - 1].copy()
+    logits[:, 0] = -np.inf
+    seq[:, t] = logits.argmax(-1)
+  np.testing.assert_array_equal(got, seq[:, 4:])
+  with pytest.raises(ValueError, match="layer 7 is out of range: this model has 7 layers"):
+    hooks.splice(m, tc, site="mlp_in.7")
