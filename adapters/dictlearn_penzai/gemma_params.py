@@ -145,10 +145,10 @@ def infer_config(params: Mapping[str, Any]) -> Gemma3Config:
   for preset in PRESETS.values():
     if preset.shape_signature() == sizes:
       return preset.replace(vocab_size=emb.shape[0])
-  raise ValueError(
-      f"these Gemma 3 shapes match no preset: {sizes}; the presets are "
-      + "; ".join(f"{name}: {c.shape_signature()}" for name, c in PRESETS.items())
-      + ". Pass preset=Gemma3Config(...) to load a custom size.")
+  known = ", ".join(f"{name} ({c.num_layers} layers, d_model {c.d_model})"
+                    for name, c in PRESETS.items())
+  raise ValueError(f"these Gemma 3 shapes match no preset: {sizes}; the presets are {known}. "
+                   "Pass preset=Gemma3Config(...) to load a custom size.")
 
 
 def resolve_config(params: Mapping[str, Any], preset: str | Gemma3Config = "auto"

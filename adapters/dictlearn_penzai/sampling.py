@@ -23,6 +23,7 @@ orders them. The pad token is never emitted: a generated pad would read as paddi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any
@@ -114,6 +115,15 @@ def filter_logits(logits: jax.Array, *, temperature: Any = 1.0, top_k: Any = Non
   return logits
 
 
+def _split_unembedding(model):
+  """(model without its final ``EmbeddingDecode``, that layer); (model, identity) if none."""
+  body = model.body
+  if isinstance(body, pz.nn.Sequential) and isinstance(body.sublayers[-1], pz.nn.EmbeddingDecode):
+    trunk = dataclasses.replace(model, body=pz.nn.Sequential(body.sublayers[:-1]))
+    return trunk, body.sublayers[-1]
+  return model, pz.nn.Identity()
+
+
 def _logprob_of(logits, tokens):
   """log p(token) under the model's own (unfiltered, temperature 1) distribution."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -135,17 +145,20 @@ def _generate_impl(slots, params, states, tokens, key, temperature, top_k, top_p
                    max_new_tokens, cache_len, greedy, use_top_k, use_top_p, stop_ids, pad_id):
   batch = tokens.shape[0]
   model = pz.bind_variables(slots, [*params, *(s.unfreeze_as_copy() for s in states)])
+  model, unembed = _split_unembedding(model)
   sampler = make_kv_cached(model, batch_size=batch, cache_len=cache_len, pad_id=pad_id)
   pick = functools.partial(_pick, temperature=temperature, top_k=top_k, top_p=top_p,
                            greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p,
                            pad_id=pad_id)
   stops = jnp.asarray(stop_ids, dtype=jnp.int32)
 
-  logits = sampler(pz.nx.wrap(tokens).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")
+  hidden = sampler(pz.nx.wrap(tokens).tag("batch", "seq"))
   idx = jnp.arange(tokens.shape[1])
-  last = jnp.max(jnp.where(tokens != pad_id, idx, -1), axis=1)
+  last = pz.nx.wrap(jnp.max(jnp.where(tokens != pad_id, idx, -1), axis=1)).tag("batch")
+  # Unembed only each row's last prompt position: the (batch, seq, vocab) prompt logits
+  # would be gigabytes for long prompts.
+  first_logits = unembed(hidden[{"seq": last}]).unwrap("batch", "vocabulary")
   key, sub = jax.random.split(key)
-  first_logits = logits[jnp.arange(batch), last]
   first = pick(first_logits, sub)
   out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32).at[:, 0].set(
@@ -160,7 +173,8 @@ def _generate_impl(slots, params, states, tokens, key, temperature, top_k, top_p
     live = [v.unfreeze_as_copy() for v in frozen]
     m = pz.bind_variables(sampler_slots, live)
     fed = out[:, i - 1][:, None]
-    logits = m(pz.nx.wrap(fed).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")[:, 0]
+    logits = unembed(m(pz.nx.wrap(fed).tag("batch", "seq"))).unwrap("batch", "seq", "vocabulary")
+    logits = logits[:, 0]
     key, sub = jax.random.split(key)
     tok = jnp.where(done, pad_id, pick(logits, sub))
     logprob = jnp.where(done, 0.0, _logprob_of(logits, tok))
