@@ -1,0 +1,516 @@
+"""Fused encode-decode over blocks of the width, with the active latents as sparse codes.
+
+The dense path (``dictionary.forward``) builds the whole (tokens x width) latent matrix and
+multiplies it by w_dec: for 1m latents at 1024 tokens that matrix alone is 4 GiB, and the
+decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
+
+1. scans over blocks of ``block_width`` columns of w_enc; each block's pre-activations
+   (tokens x block_width) are thresholded and its active latents (top ``block_k`` by value
+   of the block, then appended in order) go into a running buffer of ``k`` slots per row,
+   so only one block of the latent matrix ever exists;
+2. decodes from the buffer only: a gather of the active rows of w_dec weighted by their
+   values, plus b_dec and, for affine transcoders, ``x @ w_skip``;
+3. repairs the rows the buffer could not hold (more than ``k`` active latents, or more than
+   ``block_k`` in one block): they go, ``spill_rows`` at a time, through an exact blocked
+   dense pass (``y += f_block @ w_dec_block``; codes keep the row's k largest activations).
+   The loop over spill groups has a data-dependent trip count, so it costs nothing when no
+   row overflows and stays exact when every row does.
+
+Shapes (``...`` is any leading batch shape, ``n`` the flattened token count)::
+
+    x (..., d_in) -> y (..., d_out), SparseCodes(values (..., k) float32,
+                     indices (..., k) int32, count (...,) int32, overflow (...,) bool)
+
+``count`` is the exact number of active latents of the row (it may exceed k);
+``overflow = count > k``. Slots ``[0, min(count, k))`` hold active latents (all of them when
+not overflowed, the k largest when overflowed) in no particular order; the other slots hold
+value 0 and index 0, so a plain weighted gather decodes them to nothing.
+
+Shapes are static (only k, block sizes and dtypes are compile-time constants), so repeated
+calls with the same shapes reuse one executable; everything vmaps and inlines into a
+larger jit. On GPU the block scan is replaced by a Pallas kernel
+(``dictlearn.pallas_encode``) when ``impl`` is None or "pallas".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from dictlearn.dictionary import Dictionary, check_input, matmul
+
+Array = jax.Array
+
+# One block of pre-activations is (n, block_width) float32. On CPU it should stay well
+# inside the last-level cache and, above all, under glibc's 32 MiB mmap threshold: larger
+# temporaries are mmapped afresh on every call and page-faulted in, which on the VMs we
+# measured costs more than the matmul that fills them. GPUs want fewer, larger blocks.
+_CPU_BLOCK_BYTES = 8 << 20
+_GPU_BLOCK_BYTES = 256 << 20
+# Decode gathers (n, slots, d_out) rows of w_dec at a time; keep that chunk small too.
+_DECODE_CHUNK_BYTES = 4 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseCodes:
+  """Active latents of each row: values (..., k) f32, indices (..., k) i32, count, overflow."""
+
+  values: Array
+  indices: Array
+  count: Array
+  overflow: Array
+
+  @property
+  def k(self) -> int:
+    return self.values.shape[-1]
+
+  def to_dense(self, width: int) -> Array:
+    """Scatters the codes into a dense (..., width) float32 array (for tests and small data)."""
+    lead = self.values.shape[:-1]
+    v = self.values.reshape(-1, self.k)
+    i = self.indices.reshape(-1, self.k)
+    rows = jnp.arange(v.shape[0])[:, None]
+    dense = jnp.zeros((v.shape[0], width), jnp.float32).at[rows, i].add(v)
+    return dense.reshape(*lead, width)
+
+
+jax.tree_util.register_dataclass(
+    SparseCodes, data_fields=["values", "indices", "count", "overflow"], meta_fields=[])
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def _dtype_name(dt) -> str:
+  return jnp.dtype(dt).name
+
+
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def _largest_divisor_at_most(width: int, cap: int) -> int:
+  """Largest divisor of width that is <= cap (widths are powers of two in practice)."""
+  cap = max(1, min(cap, width))
+  for b in range(cap, 0, -1):
+    if width % b == 0:
+      return b
+  return 1
+
+
+def plan_blocks(n: int, width: int, k: int, block_width: int | None = None,
+                block_k: int | None = None, backend: str | None = None) -> tuple[int, int]:
+  """Chooses (block_width, block_k) for n tokens: a static, per-shape decision.
+
+  block_width: the largest divisor of width whose (n, block) float32 block fits the
+  backend's budget (the whole width when it fits, e.g. at one token). A width with no
+  reasonable divisor uses blocks that overlap at the end (see ``_block_fn``).
+  block_k: how many active latents one row may have in one block before it spills; a
+  generous multiple of the share of k that block should see on average.
+  """
+  backend = backend or _backend()
+  if block_width is None:
+    budget = _CPU_BLOCK_BYTES if backend == "cpu" else _GPU_BLOCK_BYTES
+    cap = max(128, budget // (4 * max(n, 1)))
+    if cap >= width:
+      block_width = width
+    else:
+      cap = 1 << int(math.log2(cap))
+      block_width = _largest_divisor_at_most(width, cap)
+      if block_width < cap // 4:  # An awkward width: use overlapping blocks instead.
+        block_width = cap
+  block_width = int(max(1, min(block_width, width)))
+  if block_k is None:
+    expected = k * block_width / width
+    block_k = max(32, 1 << int(math.ceil(math.log2(max(1.0, 4 * expected)))))
+  block_k = int(max(1, min(block_k, k, block_width)))
+  return block_width, block_k
+
+
+# ---------------------------------------------------------------------- block machinery
+
+
+def _block_fn(w_enc: Array, b_enc: Array, threshold: Array, block_width: int):
+  """Returns (num_blocks, get): get(j) -> (w (d_in, B), b (B,), t (B,), start, valid_from).
+
+  When B divides the width the weights are viewed as (d_in, nb, B) and indexed: a free
+  reshape, and XLA slices each block straight from the stored array. Otherwise the last
+  block is clamped to end at the width and ``valid_from`` masks the columns that the
+  previous block already covered, so nothing is padded or copied up front (valid_from is
+  None when blocks do not overlap).
+  """
+  d_in, width = w_enc.shape
+  bw = block_width
+  if width % bw == 0:
+    nb = width // bw
+    w3 = w_enc.reshape(d_in, nb, bw)
+    b2 = b_enc.reshape(nb, bw)
+    t2 = threshold.reshape(nb, bw)
+
+    def get(j):
+      return (lax.dynamic_index_in_dim(w3, j, 1, keepdims=False),
+              lax.dynamic_index_in_dim(b2, j, 0, keepdims=False),
+              lax.dynamic_index_in_dim(t2, j, 0, keepdims=False), j * bw, None)
+    return nb, get
+
+  nb = -(-width // bw)
+
+  def get(j):
+    start = jnp.minimum(j * bw, width - bw)
+    return (lax.dynamic_slice_in_dim(w_enc, start, bw, 1),
+            lax.dynamic_slice_in_dim(b_enc, start, bw, 0),
+            lax.dynamic_slice_in_dim(threshold, start, bw, 0), start, j * bw)
+  return nb, get
+
+
+def _block_pre(x, w, b, t, start, valid_from, compute_dtype):
+  """Block pre-activations (n, B) f32 and the active mask (n, B) bool."""
+  pre = matmul(x, w, compute_dtype) + b.astype(jnp.float32)
+  act = pre > t.astype(jnp.float32)
+  if valid_from is not None:  # Overlapping last block: columns already seen are not new.
+    col = start + lax.iota(jnp.int32, w.shape[1])
+    act = act & (col >= valid_from)[None, :]
+  return pre, act
+
+
+def _append(buf_v, buf_i, fill, v, i, c, k):
+  """Appends the first c of (v, i) (n, kb) to each row's buffer (n, k) after ``fill``.
+
+  A gather per slot rather than a scatter: slot s of row r takes candidate s - fill[r]
+  when that is in [0, c[r]), which XLA vectorises (scatters run serially on CPU).
+  """
+  kb = v.shape[1]
+  off = lax.iota(jnp.int32, k)[None, :] - fill[:, None]
+  take = (off >= 0) & (off < c[:, None])
+  offc = jnp.clip(off, 0, kb - 1)
+  buf_v = jnp.where(take, jnp.take_along_axis(v, offc, axis=1), buf_v)
+  buf_i = jnp.where(take, jnp.take_along_axis(i, offc, axis=1), buf_i)
+  return buf_v, buf_i, jnp.minimum(fill + c, k)
+
+
+def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: int,
+                   compute_dtype):
+  """The fused sparse encoder: (values, indices, fill, count, lost), all per row.
+
+  ``lost`` marks rows whose buffer misses an active latent (count > k, or a block with
+  more than block_k): exactly the rows the spill pass must redo.
+  """
+  n = x.shape[0]
+  width = d.width
+  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width)
+  if nb == 1:
+    # One block (few tokens): select straight into k slots, no merging.
+    w, b, t, start, valid_from = get(0)
+    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    count = act.sum(-1, dtype=jnp.int32)
+    kk = min(k, width)
+    v, i = lax.top_k(jnp.where(act, pre, -jnp.inf), kk)
+    keep = lax.iota(jnp.int32, kk)[None, :] < count[:, None]
+    v = jnp.where(keep, v, 0.0)
+    i = jnp.where(keep, i.astype(jnp.int32), 0)
+    if kk < k:
+      v = jnp.pad(v, ((0, 0), (0, k - kk)))
+      i = jnp.pad(i, ((0, 0), (0, k - kk)))
+    fill = jnp.minimum(count, k)
+    return v, i, fill, count, count > k
+
+  def body(carry, j):
+    buf_v, buf_i, fill, count, lost = carry
+    w, b, t, start, valid_from = get(j)
+    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    c = act.sum(-1, dtype=jnp.int32)
+    # top_k puts every active (pre > threshold, so > -inf) before every inactive one.
+    v, i = lax.top_k(jnp.where(act, pre, -jnp.inf), block_k)
+    i = i.astype(jnp.int32) + start
+    lost = lost | (c > block_k) | (fill + c > k)
+    buf_v, buf_i, fill = _append(buf_v, buf_i, fill, v, i, jnp.minimum(c, block_k), k)
+    return (buf_v, buf_i, fill, count + c, lost), None
+
+  init = (jnp.zeros((n, k), jnp.float32), jnp.zeros((n, k), jnp.int32),
+          jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
+  (v, i, fill, count, lost), _ = lax.scan(body, init, jnp.arange(nb))
+  return v, i, fill, count, lost
+
+
+# -------------------------------------------------------------------------------- decode
+
+
+def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | None,
+                  compute_dtype) -> Array:
+  """sum_j values[:, j] * w_dec[indices[:, j]] over the filled slots: (n, d_out) f32.
+
+  Slots are taken ``chunk`` at a time ((n, chunk, d_out) gathered rows at most
+  _DECODE_CHUNK_BYTES), and only up to the fullest row, so a short row costs what it holds.
+  Operands are rounded to compute_dtype and multiplied in float32, which is what a
+  compute_dtype matmul with float32 accumulation does.
+  """
+  n, k = values.shape
+  d_out = w_dec.shape[1]
+  cd = jnp.dtype(compute_dtype)
+  vals = values.astype(cd).astype(jnp.float32)
+  if fill is not None:
+    vals = jnp.where(lax.iota(jnp.int32, k)[None, :] < fill[:, None], vals, 0.0)
+  chunk = int(max(1, min(k, _DECODE_CHUNK_BYTES // (4 * d_out * max(n, 1)))))
+
+  def part(v, i):  # v, i: (n, c)
+    rows = jnp.take(w_dec, i, axis=0, mode="clip").astype(cd).astype(jnp.float32)
+    return jnp.einsum("nc,ncd->nd", v, rows, precision=lax.Precision.HIGHEST)
+
+  if chunk >= k:
+    return part(vals, indices)
+  nc = -(-k // chunk)
+  pad = nc * chunk - k
+  vals = jnp.pad(vals, ((0, 0), (0, pad))).reshape(n, nc, chunk)
+  idx = jnp.pad(indices, ((0, 0), (0, pad))).reshape(n, nc, chunk)
+  top = jnp.max(fill) if fill is not None else jnp.int32(k)
+  steps = (top + chunk - 1) // chunk
+
+  def body(j, acc):
+    v = lax.dynamic_index_in_dim(vals, j, 1, keepdims=False)
+    i = lax.dynamic_index_in_dim(idx, j, 1, keepdims=False)
+    return acc + part(v, i)
+  return lax.fori_loop(0, steps, body, jnp.zeros((n, d_out), jnp.float32))
+
+
+def _bias_and_skip(d: Dictionary, x: Array, y: Array, compute_dtype) -> Array:
+  y = y + d.b_dec.astype(jnp.float32)
+  if d.w_skip is not None:
+    y = y + matmul(x, d.w_skip, compute_dtype)
+  return y
+
+
+# ---------------------------------------------------------------------------- spill pass
+
+
+def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype,
+                with_y: bool):
+  """Exact blocked dense pass for a few rows: (y_partial (R, d_out) | None, v, i).
+
+  y_partial excludes b_dec and the skip term. Codes are the row's k largest activations
+  (merged block by block with top_k), padded with value 0 / index 0 past the count.
+  """
+  r = x.shape[0]
+  width = d.width
+  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width)
+  kb = min(k, block_width)
+  dec3 = d.w_dec.reshape(nb, block_width, -1) if width % block_width == 0 else None
+
+  def dec_block(j, start):
+    if dec3 is not None:
+      return lax.dynamic_index_in_dim(dec3, j, 0, keepdims=False)
+    return lax.dynamic_slice_in_dim(d.w_dec, start, block_width, 0)
+
+  def body(carry, j):
+    y, buf_v, buf_i = carry
+    w, b, t, start, valid_from = get(j)
+    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    if with_y:
+      f = jnp.where(act, pre, 0.0)
+      y = y + matmul(f, dec_block(j, start), compute_dtype)
+    v, i = lax.top_k(jnp.where(act, pre, -jnp.inf), kb)
+    allv = jnp.concatenate([buf_v, v], axis=1)
+    alli = jnp.concatenate([buf_i, i.astype(jnp.int32) + start], axis=1)
+    buf_v, sel = lax.top_k(allv, k)
+    buf_i = jnp.take_along_axis(alli, sel, axis=1)
+    return (y, buf_v, buf_i), None
+
+  init = (jnp.zeros((r, d.d_out), jnp.float32), jnp.full((r, k), -jnp.inf, jnp.float32),
+          jnp.zeros((r, k), jnp.int32))
+  (y, v, i), _ = lax.scan(body, init, jnp.arange(nb))
+  keep = v > -jnp.inf
+  return (y if with_y else None), jnp.where(keep, v, 0.0), jnp.where(keep, i, 0)
+
+
+def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: Array,
+           k: int, block_width: int, spill_rows: int, compute_dtype):
+  """Redoes the rows flagged in ``need`` exactly, spill_rows at a time.
+
+  The trip count is ceil(sum(need) / spill_rows): zero when nothing overflowed. Flagged
+  row numbers are packed to the front with a stable argsort; each step gathers the next
+  group, runs ``_dense_rows`` and writes back (rows past the last flagged one map to index
+  n and are dropped).
+  """
+  n = x.shape[0]
+  r = spill_rows
+  num = need.sum(dtype=jnp.int32)
+  order = jnp.argsort(jnp.logical_not(need), stable=True).astype(jnp.int32)
+  groups = -(-n // r)
+  order = jnp.pad(order, (0, groups * r - n), constant_values=n)
+  with_y = y is not None
+
+  def body(g, carry):
+    y, v, i = carry
+    pos = g * r + lax.iota(jnp.int32, r)
+    rows = jnp.where(pos < num, lax.dynamic_slice_in_dim(order, g * r, r), n)
+    xr = jnp.take(x, rows, axis=0, mode="clip")
+    yr, vr, ir = _dense_rows(d, xr, k, block_width, compute_dtype, with_y)
+    v = v.at[rows].set(vr, mode="drop")
+    i = i.at[rows].set(ir, mode="drop")
+    if with_y:
+      y = y.at[rows].set(yr, mode="drop")
+    return y, v, i
+
+  steps = (num + r - 1) // r
+  return lax.fori_loop(0, steps, body, (y, v, i))
+
+
+def _auto_spill_rows(n: int) -> int:
+  # A spill step reads all of w_enc and w_dec whatever R is, so R trades a wasted read
+  # (few overflows) against more steps (many). n/16, at least 8, covers both well.
+  return int(max(1, min(n, max(8, n // 16))))
+
+
+# ------------------------------------------------------------------------------ the core
+
+
+def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
+          block_k: int | None, spill_rows: int | None, compute_dtype: str, impl: str,
+          with_y: bool):
+  """Flattened core: x2 (n, d_in) -> (y (n, d_out) | None, SparseCodes over n rows)."""
+  n = x2.shape[0]
+  cd = jnp.dtype(compute_dtype)
+  backend = "gpu" if impl == "pallas" else _backend()
+  bw, bk = plan_blocks(n, d.width, k, block_width, block_k, backend)
+  if impl == "pallas":
+    from dictlearn import pallas_encode
+    v, i, fill, count, lost = pallas_encode.select(d, x2, k=k, compute_dtype=cd)
+  else:
+    v, i, fill, count, lost = _select_blocks(d, x2, k, bw, bk, cd)
+  y = None
+  if with_y:
+    y = _decode_codes(d.w_dec, v, i, fill, cd)
+  sr = spill_rows or _auto_spill_rows(n)
+  y, v, i = _spill(d, x2, lost, y, v, i, k, bw, min(sr, n), cd)
+  if with_y:
+    y = _bias_and_skip(d, x2, y, cd)
+  codes = SparseCodes(values=v, indices=i, count=count, overflow=count > k)
+  return y, codes
+
+
+def _resolve_impl(impl: str | None) -> str:
+  if impl is None:
+    impl = "pallas" if _backend() == "gpu" else "xla"
+  if impl not in ("xla", "pallas", "pallas_interpret"):
+    raise ValueError(f"impl must be None, 'xla', 'pallas' or 'pallas_interpret', not {impl!r}")
+  return impl
+
+
+def _reshape_out(y, codes: SparseCodes, lead, d_out):
+  k = codes.values.shape[-1]
+  codes = SparseCodes(values=codes.values.reshape(*lead, k),
+                      indices=codes.indices.reshape(*lead, k),
+                      count=codes.count.reshape(lead), overflow=codes.overflow.reshape(lead))
+  return (None if y is None else y.reshape(*lead, d_out)), codes
+
+
+def _run(d, x, *, k, block_width, block_k, spill_rows, compute_dtype, impl, with_y):
+  lead = x.shape[:-1]
+  n = int(np.prod(lead)) if lead else 1
+  x2 = x.reshape(n, x.shape[-1])
+  if n == 0:
+    y = jnp.zeros((0, d.d_out), jnp.float32)
+    e = jnp.zeros((0, k))
+    codes = SparseCodes(e.astype(jnp.float32), e.astype(jnp.int32),
+                        jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
+  else:
+    y, codes = _core(d, x2, k=k, block_width=block_width, block_k=block_k,
+                     spill_rows=spill_rows, compute_dtype=compute_dtype, impl=impl,
+                     with_y=with_y)
+  return _reshape_out(y, codes, lead, d.d_out)
+
+
+_STATIC = ("k", "block_width", "block_k", "spill_rows", "compute_dtype", "impl", "with_y")
+_run_jit = jax.jit(_run, static_argnames=_STATIC)
+# Donating x lets XLA write y into x's buffer (SAEs: same shape and dtype) and free it early.
+_run_jit_donate = jax.jit(_run, static_argnames=_STATIC, donate_argnames=("x",))
+
+
+def _check(d: Dictionary, x: Array, k: int):
+  check_input(d, x)
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
+
+
+def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
+                  block_k: int | None = None, spill_rows: int | None = None,
+                  compute_dtype=jnp.float32, impl: str | None = None,
+                  donate: bool = False) -> tuple[Array, SparseCodes]:
+  """Fused forward: (y (..., d_out) float32, SparseCodes with k slots per row).
+
+  Equals ``forward(d, x, compute_dtype=...)`` for every input (rows with more than k active
+  latents are recomputed exactly and flagged in ``codes.overflow``), without ever holding
+  the (tokens x width) latent matrix.
+
+  Args:
+    d: a JumpReLUSAE or Transcoder (affine transcoders add ``x @ w_skip``).
+    x: (..., d_in) inputs, any leading shape.
+    k: code slots per row. Pick it above the dictionary's typical L0: rows above it are
+      exact but slow (spill pass).
+    block_width: w_enc columns per scan step; default from a per-backend memory budget.
+    block_k: active latents one row may have in one block before it spills (default: a
+      generous multiple of k * block_width / width).
+    spill_rows: rows per step of the overflow pass (default max(8, n/16)).
+    compute_dtype: matmul operand dtype (float32 accumulation), as ``dictionary.matmul``.
+    impl: None (Pallas on GPU, XLA elsewhere), "xla", "pallas" or "pallas_interpret"
+      (the Pallas kernel in interpret mode, for CPU tests).
+    donate: donate x's buffer to the call (only when you no longer need x).
+  """
+  _check(d, x, k)
+  fn = _run_jit_donate if donate else _run_jit
+  return fn(d, x, k=int(k), block_width=block_width, block_k=block_k,
+            spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
+            impl=_resolve_impl(impl), with_y=True)
+
+
+def encode_sparse(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
+                  block_k: int | None = None, spill_rows: int | None = None,
+                  compute_dtype=jnp.float32, impl: str | None = None) -> SparseCodes:
+  """The active latents of x (..., d_in) as SparseCodes (k slots per row), blockwise.
+
+  Overflowed rows (count > k) hold their k largest activations.
+  """
+  _check(d, x, k)
+  return _run_jit(d, x, k=int(k), block_width=block_width, block_k=block_k,
+                  spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
+                  impl=_resolve_impl(impl), with_y=False)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("compute_dtype",))
+def _decode_sparse_jit(d, codes, x, compute_dtype):
+  lead = codes.values.shape[:-1]
+  k = codes.values.shape[-1]
+  v = codes.values.reshape(-1, k)
+  i = codes.indices.reshape(-1, k)
+  y = _decode_codes(d.w_dec, v, i, None, jnp.dtype(compute_dtype))
+  y = y + d.b_dec.astype(jnp.float32)
+  if d.w_skip is not None:
+    y = y + matmul(x.reshape(-1, d.d_in), d.w_skip, jnp.dtype(compute_dtype))
+  return y.reshape(*lead, d.d_out)
+
+
+def decode_sparse(d: Dictionary, codes: SparseCodes, x: Array | None = None, *,
+                  compute_dtype=jnp.float32) -> Array:
+  """y (..., d_out) float32 from SparseCodes: gathered w_dec rows weighted by the values.
+
+  Exact (equals ``decode`` of the dense latents) for rows that did not overflow; an
+  overflowed row decodes only the k latents it kept (use encode_decode for exact output).
+  Affine transcoders need x (..., d_in) for the skip term.
+  """
+  if d.w_skip is not None:
+    if x is None:
+      raise ValueError(
+          "this transcoder has an affine skip connection (w_skip), so decode_sparse needs "
+          "the input too: decode_sparse(d, codes, x)")
+    check_input(d, x)
+  else:
+    x = None
+  if codes.indices.shape != codes.values.shape:
+    raise ValueError(f"codes.indices {codes.indices.shape} and codes.values "
+                     f"{codes.values.shape} must have the same shape")
+  return _decode_sparse_jit(d, codes, x, compute_dtype=_dtype_name(compute_dtype))
