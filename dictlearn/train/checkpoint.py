@@ -84,13 +84,18 @@ def save_checkpoint(checkpoint_dir, step: int, *, dictionary, state, info: dict,
   return final
 
 
+def read_info(folder) -> dict:
+  """The checkpoint's train_state.json: step, config, scales, history."""
+  return json.loads((Path(folder) / STATE_JSON).read_text())
+
+
 def load_checkpoint(folder, template):
   """(state, info) from a checkpoint folder; ``template`` gives the pytree structure
   (arrays or ShapeDtypeStructs) and every leaf's shape and dtype is checked against it."""
   from safetensors.numpy import load_file
 
   folder = Path(folder)
-  info = json.loads((folder / STATE_JSON).read_text())
+  info = read_info(folder)
   arrays = load_file(str(folder / STATE_FILE))
   names = _leaf_names(template)
   leaves, treedef = jax.tree_util.tree_flatten(template)

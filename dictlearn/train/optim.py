@@ -66,12 +66,33 @@ def lr_schedule(learning_rate: float, steps: int, *, warmup_steps: int, decay: s
   return optax.join_schedules([warm, rest], [warmup_steps])
 
 
+def hold_params(names: tuple, steps: int) -> optax.GradientTransformation:
+  """Zeroes the updates of the named parameters for the first ``steps`` steps."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    updates = dict(updates)
+    live = (state.count >= steps).astype(jnp.float32)
+    for k in names:
+      if k in updates:
+        updates[k] = updates[k] * live
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(schedule, *, grad_clip: float | None, b1: float, b2: float,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+                   eps: float = 1e-8, hold: tuple = (), hold_steps: int = 0) -> optax.GradientTransformation:
   parts = [project_out_decoder_radial()]
   if grad_clip:
     parts.append(optax.clip_by_global_norm(grad_clip))
   parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)]
+  if hold and hold_steps > 0:
+    parts.append(hold_params(hold, hold_steps))
   return optax.chain(*parts)
 
 
