@@ -16,7 +16,15 @@ from dictlearn.dictionary import (
     pre_activations,
     random_dictionary,
 )
-from dictlearn import catalog, hookpoints, metrics
+from dictlearn import activation_data, catalog, hookpoints, metrics
 from dictlearn.io import load, save
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # dictlearn.train needs optax (the "train" extra), so it is imported on first use.
+  if name == "train":
+    import importlib
+    return importlib.import_module("dictlearn.train")
+  raise AttributeError(f"module 'dictlearn' has no attribute {name!r}")
