@@ -128,16 +128,6 @@ def test_capture_does_not_change_logits(model, rest):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_capture_eager_matches_jit(model):
-  ids = _ids(range(5, 5 + SEQ - 1))
-  l1, c1 = hooks.run_with_cache(model, ids, ["attn_z.0", "mlp_out.1"], jit=True)
-  l2, c2 = hooks.run_with_cache(model, ids, ["attn_z.0", "mlp_out.1"], jit=False)
-  np.testing.assert_allclose(np.asarray(l1.unwrap("batch", "seq", "vocabulary")),
-                             np.asarray(l2.unwrap("batch", "seq", "vocabulary")), atol=1e-4)
-  for s in c1:
-    np.testing.assert_allclose(np.asarray(c1.array(s)), np.asarray(c2.array(s)), atol=1e-4)
-
-
 # ------------------------------------------------------------------ splice
 
 
@@ -314,8 +304,13 @@ def test_hooks_compose_in_order(model):
 def test_same_results_jitted_and_eager(model):
   m = _composed(model)
   ids = _ids(range(17, 17 + SEQ - 1))
-  np.testing.assert_allclose(_logits(m, ids, jit=True), _logits(m, ids, jit=False),
+  l1, c1 = hooks.run_with_cache(m, ids, ["attn_z.0", "mlp_out.2"], jit=True)
+  l2, c2 = hooks.run_with_cache(m, ids, ["attn_z.0", "mlp_out.2"], jit=False)
+  np.testing.assert_allclose(np.asarray(l1.unwrap("batch", "seq", "vocabulary")),
+                             np.asarray(l2.unwrap("batch", "seq", "vocabulary")),
                              rtol=1e-4, atol=1e-4)
+  for s in c1:
+    np.testing.assert_allclose(np.asarray(c1.array(s)), np.asarray(c2.array(s)), atol=1e-4)
 
 
 def test_same_results_kv_cached(model):
@@ -353,6 +348,11 @@ def test_batch_composition_and_left_padding(model):
   batch_pos = np.concatenate([positions, np.arange(pad + 5, dtype=np.int32)[None]])
   got = _logits(m, batch_ids, token_positions=hooks.as_tokens(batch_pos))
   np.testing.assert_allclose(got[0, pad:], _logits(m, short)[0], rtol=1e-4, atol=1e-4)
+  # Without explicit positions they come from the pad id (0), left or right padding alike.
+  np.testing.assert_allclose(_logits(m, batch_ids), got, rtol=1e-6, atol=1e-6)
+  right = np.concatenate([short, np.zeros((1, pad), np.int32)], 1)
+  np.testing.assert_allclose(_logits(m, right)[0, :5], _logits(m, short)[0], rtol=1e-4,
+                             atol=1e-4)
 
 
 def test_dictionary_layers_wrap_the_core(model):

@@ -1,7 +1,8 @@
 """The Gemma Scope 2 tutorial's analyses as functions: top latents, token HTML, logit
 lens, reconstruction metrics and per-token loss.
 
-Every statistic leaves BOS out (and padding, when ``token_positions`` marks it with -1):
+Every statistic leaves BOS out (and padding: pad tokens, id ``pad_id`` = 0 by default, or
+positions of -1 in an explicit ``token_positions``):
 Gemma Scope 2 dictionaries are not trained on BOS, whose activations are outliers.
 The math is the core's (``dictlearn.encode``/``decode``, ``dictlearn.metrics``); this
 module only wires a penzai model, its sites and the results together.
@@ -45,21 +46,25 @@ def _plain(acts) -> jax.Array:
   return jnp.asarray(acts)
 
 
-def positions_of(tokens, token_positions=None) -> jax.Array:
-  """Token positions (batch, seq): ``token_positions`` if given, else 0, 1, 2, ..."""
-  if token_positions is not None:
-    if isinstance(token_positions, pz.nx.NamedArrayBase):
-      return hooks.as_tokens(token_positions).unwrap("batch", "seq")
-    p = jnp.asarray(token_positions)
-    return p[None] if p.ndim == 1 else p
-  tokens = hooks.as_tokens(tokens)
-  b, s = tokens.named_shape["batch"], tokens.named_shape["seq"]
-  return jnp.broadcast_to(jnp.arange(s), (b, s))
+def positions_of(tokens, token_positions=None, pad_id: int | None = 0) -> jax.Array:
+  """Token positions (batch, seq): ``token_positions`` if given, else from padding.
+
+  Same rule as the hooks (``hooks.positions_from_padding``): 0, 1, ... over non-pad
+  tokens, -1 at pads, so each row's BOS is at position 0.
+  """
+  if token_positions is None:
+    token_positions = hooks.positions_from_padding(hooks.as_tokens(tokens), pad_id)
+  if isinstance(token_positions, pz.nx.NamedArrayBase):
+    shape = hooks.as_tokens(tokens).named_shape
+    return jnp.broadcast_to(token_positions.unwrap(*token_positions.named_shape),
+                            (shape["batch"], shape["seq"]))
+  p = jnp.asarray(token_positions)
+  return p[None] if p.ndim == 1 else p
 
 
-def token_mask(tokens, token_positions=None, mask=None) -> jax.Array:
+def token_mask(tokens, token_positions=None, mask=None, pad_id: int | None = 0) -> jax.Array:
   """(batch, seq) bool: True for tokens that count (not BOS at position 0, not padding)."""
-  keep = positions_of(tokens, token_positions) > 0
+  keep = positions_of(tokens, token_positions, pad_id) > 0
   if mask is not None:
     keep = keep & jnp.asarray(mask, bool).reshape(keep.shape)
   return keep
@@ -344,21 +349,23 @@ def _side(token_positions):
   return {"token_positions": token_positions}
 
 
-def _losses(model, tokens, dictionary, site, token_positions, mask, jit):
+def _losses(model, tokens, dictionary, site, token_positions, mask, jit, pad_id):
   d = _core(dictionary)
   src, dst = hooks._sites_for(model, d, site)
   tokens = hooks.as_tokens(tokens)
   side = _side(token_positions)
-  clean, cache = hooks.run_with_cache(model, tokens, [src, dst], jit=jit, **side)
-  spliced = hooks.call(hooks.splice(model, dictionary, site=(src, dst)), tokens, jit=jit, **side)
+  clean, cache = hooks.run_with_cache(model, tokens, [src, dst], jit=jit, pad_id=pad_id, **side)
+  spliced = hooks.call(hooks.splice(model, dictionary, site=(src, dst)), tokens, jit=jit,
+                       pad_id=pad_id, **side)
   ids = tokens.unwrap("batch", "seq")
-  keep = token_mask(ids, token_positions, mask)
+  keep = token_mask(ids, token_positions, mask, pad_id)
   return (d, src, dst, cache, ids, keep, clean.unwrap("batch", "seq", "vocabulary"),
           spliced.unwrap("batch", "seq", "vocabulary"))
 
 
 def reconstruction_report(model, tokens, dictionary, site=None, *, token_positions=None,
-                          mask=None, jit: bool = True) -> ReconstructionReport:
+                          mask=None, pad_id: int | None = 0,
+                          jit: bool = True) -> ReconstructionReport:
   """FVU, L0, MSE and delta loss of a dictionary on ``tokens``, BOS and padding left out.
 
   The dictionary reads its input site; FVU/MSE compare its output with the activations
@@ -369,11 +376,13 @@ def reconstruction_report(model, tokens, dictionary, site=None, *, token_positio
   Args:
     tokens: (batch, seq) ids (NamedArray or array).
     site: as in ``hooks.splice`` (default: from the dictionary's metadata).
-    token_positions: (batch, seq) positions with -1 for padding (left-padded batches).
+    token_positions: (batch, seq) positions with -1 for padding; by default they come
+      from ``pad_id`` (left or right padding both work).
     mask: optional extra (batch, seq) bool of tokens to count.
+    pad_id: the padding id (Gemma: 0); None when the tokens hold no padding.
   """
   d, src, dst, cache, ids, keep, clean, spliced = _losses(
-      model, tokens, dictionary, site, token_positions, mask, jit)
+      model, tokens, dictionary, site, token_positions, mask, jit, pad_id)
   x, target = cache.array(src), cache.array(dst)
   f = dictlearn.encode(d, x)
   y = dictlearn.decode(d, f, x)
@@ -404,10 +413,13 @@ class PerTokenLoss:
 
 
 def per_token_loss(model, tokens, dictionary, site=None, *, token_positions=None,
-                   mask=None, jit: bool = True) -> PerTokenLoss:
-  """Clean vs spliced next-token loss at every position (``metrics.cross_entropy``)."""
+                   mask=None, pad_id: int | None = 0, jit: bool = True) -> PerTokenLoss:
+  """Clean vs spliced next-token loss at every position (``metrics.cross_entropy``).
+
+  Arguments as in ``reconstruction_report``.
+  """
   _, _, _, _, ids, keep, clean, spliced = _losses(
-      model, tokens, dictionary, site, token_positions, mask, jit)
+      model, tokens, dictionary, site, token_positions, mask, jit, pad_id)
   return PerTokenLoss(np.asarray(metrics.cross_entropy(clean, ids)),
                       np.asarray(metrics.cross_entropy(spliced, ids)),
                       np.asarray(keep[:, 1:]))

@@ -34,6 +34,7 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 from penzai import pz
+from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
 from dictlearn_penzai import layers as L
 from dictlearn_penzai.hookpoint import HookPoint
@@ -211,25 +212,43 @@ def as_tokens(tokens) -> NamedArray:
   return pz.nx.wrap(arr.astype(jnp.int32)).tag("batch", "seq")
 
 
+def positions_from_padding(tokens: NamedArray, pad_id: int | None) -> NamedArray:
+  """(batch, seq) positions 0, 1, ... over non-pad tokens and -1 at pads (penzai's rule).
+
+  Left- or right-padded rows then get the positions (and attention) they have alone, and
+  each row's BOS sits at position 0, where the hooks look for it.
+  """
+  if pad_id is None:
+    return pz.nx.arange("seq", tokens.named_shape["seq"])
+  nonpad = tokens != pad_id
+  count = pz.nx.nmap(lambda m: jnp.cumsum(m, dtype=jnp.int32))(nonpad.untag("seq")).tag("seq")
+  return pz.nx.nmap(jnp.where)(nonpad, count - 1, -1)
+
+
 @pz.variable_jit
 def _jit_call(model, tokens, side_inputs):
   return model(tokens, **side_inputs)
 
 
-def call(model, tokens, *, jit: bool = True, **side_inputs) -> NamedArray:
+def call(model, tokens, *, jit: bool = True, pad_id: int | None = 0,
+         **side_inputs) -> NamedArray:
   """Runs ``model`` on tokens (see ``as_tokens``) under ``pz.variable_jit`` if ``jit``.
 
-  State variables in the model (captures) are updated either way. The jit cache is
-  keyed on the model's structure, so calling a model patched the same way again (even
-  with other weights, other steering coefficients) does not recompile.
+  Unless ``token_positions`` is given, positions come from padding (``pad_id``, Gemma's
+  0; None: 0..seq-1), as in ``sampling.forward_logits``. A KV-cached model computes its
+  own positions, so nothing is added for it. State variables in the model (captures)
+  are updated either way. The jit cache is keyed on the model's structure, so a model
+  patched the same way again (other weights, other coefficients) does not recompile.
   """
   tokens = as_tokens(tokens)
+  if "token_positions" not in side_inputs and not isinstance(model, KVCachingTransformerLM):
+    side_inputs["token_positions"] = positions_from_padding(tokens, pad_id)
   if jit:
     return _jit_call(model, tokens, side_inputs)
   return model(tokens, **side_inputs)
 
 
-def run_with_cache(model, tokens, sites, *, jit: bool = True,
+def run_with_cache(model, tokens, sites, *, jit: bool = True, pad_id: int | None = 0,
                    **side_inputs) -> tuple[NamedArray, ActivationCache]:
   """Runs the model once and returns ``(logits, cache)`` of the activations at ``sites``.
 
@@ -239,13 +258,15 @@ def run_with_cache(model, tokens, sites, *, jit: bool = True,
     tokens: ids, NamedArray (batch, seq) or an array (seq,) / (batch, seq).
     sites: a site or a list of them (Site, "resid_post.9", hook-point strings).
     jit: compile the call (default) or run eagerly.
+    pad_id: padding id; without ``token_positions``, positions come from padding (see
+      ``call``), so padded batches need nothing more.
     **side_inputs: e.g. ``token_positions`` (NamedArray batch, seq; -1 for padding).
 
   Returns:
     logits NamedArray (batch, seq, vocabulary) and an ActivationCache.
   """
   patched = capture(model, sites)
-  logits = call(patched, tokens, jit=jit, **side_inputs)
+  logits = call(patched, tokens, jit=jit, pad_id=pad_id, **side_inputs)
   return logits, read_cache(patched)
 
 
