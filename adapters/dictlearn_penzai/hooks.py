@@ -343,7 +343,8 @@ def steer(model, site, direction, coeff, scale: str = "norm", skip_bos: bool = T
       ``sae.w_dec[i]``), plain or a single-axis NamedArray.
     coeff: scalar. ``scale="norm"`` adds ``coeff * ||x|| * direction / ||direction||``
       per token (steering strength relative to the activation's own size, as in the
-      Gemma Scope 2 tutorial); ``scale="raw"`` adds ``coeff * direction``.
+      Gemma Scope 2 tutorial, which multiplies the decoder row as stored: the same when
+      that row has unit norm); ``scale="raw"`` adds ``coeff * direction``.
     skip_bos: leave position 0 (BOS) unchanged during prefill.
   """
   if scale not in ("norm", "raw"):
