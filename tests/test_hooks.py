@@ -293,7 +293,6 @@ def test_hooks_compose_in_order(model):
   ids = _ids(range(16, 16 + SEQ - 1))
   _, clean = hooks.run_with_cache(model, ids, ["resid_post.1"])
   hooks.call(m, ids)
-  (cap,) = [h for h in at if isinstance(h, layers.Capture)]
   got = np.asarray(hooks.read_cache(m).array("resid_post.1"))
   np.testing.assert_allclose(got[:, 1:], np.asarray(clean.array("resid_post.1"))[:, 1:] + 3.0,
                              rtol=1e-5)

@@ -88,7 +88,8 @@ def test_check_site_against_model(model):
   assert sites.num_layers(model) == 4
   assert sites.model_sites(model)["attn_z"] == [0, 1, 2, 3]
   assert sites.check_site(model, "mlp_out.3") == sites.mlp_out(3)
-  with pytest.raises(ValueError, match=r"layer 30 is out of range: this model has 4 layers \(0-3\)"):
+  with pytest.raises(ValueError,
+                     match=r"layer 30 is out of range: this model has 4 layers \(0-3\)"):
     sites.check_site(model, sites.resid_post(30))
   with pytest.raises(ValueError, match="out of range"):
     hooks.run_with_cache(model, np.array([[2, 3]]), ["resid_post.4"])

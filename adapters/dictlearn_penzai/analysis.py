@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,6 @@ from dictlearn import metrics
 from dictlearn_penzai import hooks
 from dictlearn_penzai.hookpoint import HookPoint
 from dictlearn_penzai.layers import _DictionaryLayer
-from dictlearn_penzai.sites import feature_axis
 
 
 def _core(dictionary):
@@ -95,7 +94,8 @@ class TopLatents:
 
   def table(self, batch_index: int = 0) -> str:
     """The prompt-level ranking as text: ``value | latent`` lines."""
-    rows = [f"{'value':>10} | latent ({self.reduce} over {int(self.mask[batch_index].sum())} tokens)"]
+    n = int(self.mask[batch_index].sum())
+    rows = [f"{'value':>10} | latent ({self.reduce} over {n} tokens)"]
     rows += [f"{v:>10.3f} | {i}" for v, i in
              zip(self.prompt_values[batch_index], self.prompt_indices[batch_index])]
     return "\n".join(rows)
@@ -146,7 +146,8 @@ def latent_activations(dictionary, acts, latent: int) -> np.ndarray:
   d = _core(dictionary)
   x = _plain(acts)
   if not 0 <= int(latent) < d.width:
-    raise ValueError(f"latent {latent} is out of range: this dictionary has {d.width} (0-{d.width - 1})")
+    raise ValueError(f"latent {latent} is out of range: this dictionary has {d.width} "
+                     f"(0-{d.width - 1})")
   return np.asarray(dictlearn.encode(d, x)[..., int(latent)])
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Any, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
