@@ -37,6 +37,7 @@ from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 from dictlearn_penzai.tokenizer import format_chat, special_ids
 
 _BUCKET = 16
+_MAX_STOP_IDS = 8
 
 
 def positions_from_padding(tokens: jax.Array, pad_id: int | None) -> jax.Array:
@@ -140,9 +141,9 @@ def _pick(logits, key, temperature, top_k, top_p, *, greedy, use_top_k, use_top_
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "max_new_tokens", "cache_len", "greedy", "use_top_k", "use_top_p", "stop_ids", "pad_id"))
-def _generate_impl(slots, params, states, tokens, key, temperature, top_k, top_p, *,
-                   max_new_tokens, cache_len, greedy, use_top_k, use_top_p, stop_ids, pad_id):
+    "max_new_tokens", "cache_len", "greedy", "use_top_k", "use_top_p", "pad_id"))
+def _generate_impl(slots, params, states, tokens, key, temperature, top_k, top_p, stops, *,
+                   max_new_tokens, cache_len, greedy, use_top_k, use_top_p, pad_id):
   batch = tokens.shape[0]
   model = pz.bind_variables(slots, [*params, *(s.unfreeze_as_copy() for s in states)])
   model, unembed = _split_unembedding(model)
@@ -150,7 +151,6 @@ def _generate_impl(slots, params, states, tokens, key, temperature, top_k, top_p
   pick = functools.partial(_pick, temperature=temperature, top_k=top_k, top_p=top_p,
                            greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p,
                            pad_id=pad_id)
-  stops = jnp.asarray(stop_ids, dtype=jnp.int32)
 
   hidden = sampler(pz.nx.wrap(tokens).tag("batch", "seq"))
   idx = jnp.arange(tokens.shape[1])
@@ -233,13 +233,18 @@ def generate_tokens(model: Any, tokens: Any, *, max_new_tokens: int, temperature
   slots, variables = pz.unbind_variables(model)
   params = [v.freeze() for v in variables if isinstance(v, pz.Parameter)]
   state_vars = [v for v in variables if not isinstance(v, pz.Parameter)]
+  stop_ids = [int(s) for s in stop_ids]
+  if len(stop_ids) > _MAX_STOP_IDS:
+    raise ValueError(f"at most {_MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
+  # A fixed-size traced array (-1 never matches), so stop ids never cause a recompile.
+  stops = jnp.asarray(stop_ids + [-1] * (_MAX_STOP_IDS - len(stop_ids)), dtype=jnp.int32)
   out, logprobs, new_states = _generate_impl(
       slots, params, [v.freeze() for v in state_vars], jnp.asarray(tokens),
       jax.random.key(seed), jnp.float32(max(temperature, 1e-6)),
-      jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p),
+      jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p), stops,
       max_new_tokens=int(max_new_tokens), cache_len=tokens.shape[1] + int(max_new_tokens),
       greedy=temperature == 0, use_top_k=top_k is not None, use_top_p=top_p is not None,
-      stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
+      pad_id=int(pad_id))
   for var, value in zip(state_vars, new_states):
     var.value = value.value
   out, logprobs = np.asarray(out), np.asarray(logprobs)
