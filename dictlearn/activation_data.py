@@ -215,6 +215,11 @@ class StreamSource:
     self.d_out = y.shape[1] if y is not None else None
     self.n_rows = None
 
+  @property
+  def replayable(self) -> bool:
+    """True when built from a callable: the stream can restart (resume, more epochs)."""
+    return self._factory is not None
+
   def _open(self):
     if self._factory is not None:
       return iter(self._factory())

