@@ -228,13 +228,18 @@ class StreamSource:
     it, self._first = self._first, None
     return it
 
-  @staticmethod
-  def _split(b):
+  def _split(self, b):
     x, y = (b if isinstance(b, tuple | list) else (b, None))
     x = _as_f32_rows(x, "x")
     y = _as_f32_rows(y, "y") if y is not None else None
     if y is not None and y.shape[0] != x.shape[0]:
       raise ValueError(f"a batch pairs {x.shape[0]} inputs with {y.shape[0]} targets")
+    first = getattr(self, "d_in", None)
+    if first is not None and (x.shape[1] != first or (y is None) != (self.d_out is None)
+                              or (y is not None and y.shape[1] != self.d_out)):
+      raise ValueError(
+          f"a batch has x {x.shape}{'' if y is None else f' and y {y.shape}'} but the "
+          f"stream began with d_in={first}{'' if self.d_out is None else f', d_out={self.d_out}'}")
     return x, y
 
   def sample(self, n: int, seed: int):
