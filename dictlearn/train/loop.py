@@ -11,8 +11,16 @@ The recipe (details in :mod:`.objective`, :mod:`.optim`, :mod:`.ste`):
 * Inputs (and transcoder targets) scaled so ``E||x||^2 = d``, estimated from
   ``init_samples`` rows; the scales are folded into the returned weights.
 * Decoder rows held at unit norm (radial gradient removed, rows renormalised each step).
-* Adam (beta1 = 0 by default, as in the paper) after global-norm clipping, learning rate
-  with linear warm-up then cosine (or linear) decay.
+* Adam (beta1 = 0 by default, as in the paper; short runs do better with 0.9) after
+  global-norm clipping, learning rate with linear warm-up then cosine (or linear) decay.
+  Clipping matters beyond stability: while L0 is far above the target the penalty's
+  threshold gradients dominate the global norm, which slows the encoder and decoder until
+  the sparsity is roughly right (without it the synthetic benchmark learns a dense code
+  and recovers nothing).
+* Thresholds start at ``threshold_init`` and the kernel bandwidth is ``bandwidth``, both
+  in normalised units; the defaults (0.001) are the paper's, for runs of 100k+ steps. A
+  log-threshold moves about ``learning_rate`` per step, so a short run needs a larger
+  start (the tests use 0.5 and bandwidth 0.05 with learning rate 0.01).
 * Init: random unit decoder rows, encoder = decoder^T (SAE) or independent random unit
   columns (transcoder), ``b_dec`` = geometric median of the (skip-corrected) targets,
   thresholds at ``threshold_init``.
