@@ -40,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--steer-prompt", default=DEFAULT_STEER_PROMPT)
   ap.add_argument("--steer-latent", type=int, help="latent to steer with (default: the "
                   "strongest on the prompt)")
-  ap.add_argument("--steer-coeff", type=float, default=2.0,
-                  help="steering strength, in units of each token's residual norm")
+  ap.add_argument("--steer-coeff", type=float, default=0.1,
+                  help="steering strength, in units of each token's residual norm (0.1 changes the topic; 0.3 already breaks the text)")
   ap.add_argument("--site", help="site of the SAE, e.g. resid_post.9 (default: its metadata)")
   ap.add_argument("--new-tokens", type=int, default=24)
   ap.add_argument("--out", default="dictlearn-tour.html", help="the HTML report")
