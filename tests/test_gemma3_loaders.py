@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -185,8 +184,6 @@ def test_tiny_round_trip_orbax_kaggle_layout(tiny, tmp_path):
     model, tok = dp.load_gemma3(source)
     np.testing.assert_array_equal(np.asarray(dp.forward_logits(model, TOKENS)), want)
     assert tok is not None and tok.encode("a b") == tokenizer.encode("a b")
-  bf16, _ = dp.load_gemma3(checkpoint, dtype=jnp.bfloat16)
-  np.testing.assert_allclose(np.asarray(dp.forward_logits(bf16, TOKENS)), want, atol=0.1)
 
 
 def test_tiny_round_trip_gguf(tiny, tmp_path):
