@@ -28,8 +28,8 @@ value 0 and index 0, so a plain weighted gather decodes them to nothing.
 
 Shapes are static (only k, block sizes and dtypes are compile-time constants), so repeated
 calls with the same shapes reuse one executable; everything vmaps and inlines into a
-larger jit. On GPU the block scan is replaced by a Pallas kernel
-(``dictlearn.pallas_encode``) when ``impl`` is None or "pallas".
+larger jit. On GPU, step 1 can run as one Pallas kernel (``dictlearn.pallas_encode``):
+the default for up to ``PALLAS_MAX_TOKENS`` tokens, or ``impl="pallas"``.
 """
 
 from __future__ import annotations
@@ -409,17 +409,21 @@ def _auto_spill_rows(n: int) -> int:
 
 def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
           block_k: int | None, spill_rows: int | None, compute_dtype: str, impl: str,
-          with_y: bool):
+          with_y: bool, kernel: tuple = ()):
   """Flattened core: x2 (n, d_in) -> (y (n, d_out) | None, SparseCodes over n rows)."""
   n = x2.shape[0]
   cd = jnp.dtype(compute_dtype)
   backend = "gpu" if impl == "pallas" else _backend()
   bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend)
-  if impl == "pallas":
+  selected = None
+  if impl in ("pallas", "pallas_interpret"):
     from dictlearn import pallas_encode
-    v, i, fill, count, lost = pallas_encode.select(d, x2, k=k, compute_dtype=cd)
-  else:
-    v, i, fill, count, lost = _select_blocks(d, x2, k, bw, bk, cd)
+    selected = pallas_encode.select(d, x2, k=k, compute_dtype=cd,
+                                    interpret=impl == "pallas_interpret",
+                                    **dict(kernel or ()))
+  if selected is None:  # XLA path, or shapes the kernel does not take.
+    selected = _select_blocks(d, x2, k, bw, bk, cd)
+  v, i, fill, count, lost = selected
   y = None
   if with_y:
     y = _decode_codes(d.w_dec, v, i, fill, cd)
@@ -431,9 +435,15 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
   return y, codes
 
 
-def _resolve_impl(impl: str | None) -> str:
+# Up to this many tokens the Pallas kernel is the GPU default; above, cuBLAS-backed XLA
+# blocks. A guess until measured on the GPU (benchmarks/run_gpu.sh prints both).
+PALLAS_MAX_TOKENS = 256
+
+
+def _resolve_impl(impl: str | None, x=None) -> str:
   if impl is None:
-    impl = "pallas" if _backend() == "gpu" else "xla"
+    n = 1 if x is None else int(np.prod(x.shape[:-1]))
+    impl = "pallas" if _backend() == "gpu" and n <= PALLAS_MAX_TOKENS else "xla"
   if impl not in ("xla", "pallas", "pallas_interpret"):
     raise ValueError(f"impl must be None, 'xla', 'pallas' or 'pallas_interpret', not {impl!r}")
   return impl
@@ -447,7 +457,8 @@ def _reshape_out(y, codes: SparseCodes, lead, d_out):
   return (None if y is None else y.reshape(*lead, d_out)), codes
 
 
-def _run(d, x, *, k, block_width, block_k, spill_rows, compute_dtype, impl, with_y):
+def _run(d, x, *, k, block_width, block_k, spill_rows, compute_dtype, impl, with_y,
+         kernel=()):
   lead = x.shape[:-1]
   n = int(np.prod(lead)) if lead else 1
   x2 = x.reshape(n, x.shape[-1])
@@ -459,11 +470,12 @@ def _run(d, x, *, k, block_width, block_k, spill_rows, compute_dtype, impl, with
   else:
     y, codes = _core(d, x2, k=k, block_width=block_width, block_k=block_k,
                      spill_rows=spill_rows, compute_dtype=compute_dtype, impl=impl,
-                     with_y=with_y)
+                     with_y=with_y, kernel=kernel)
   return _reshape_out(y, codes, lead, d.d_out)
 
 
-_STATIC = ("k", "block_width", "block_k", "spill_rows", "compute_dtype", "impl", "with_y")
+_STATIC = ("k", "block_width", "block_k", "spill_rows", "compute_dtype", "impl", "with_y",
+           "kernel")
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
 # Donating x lets XLA write y into x's buffer (SAEs: same shape and dtype) and free it early.
 _run_jit_donate = jax.jit(_run, static_argnames=_STATIC, donate_argnames=("x",))
@@ -478,7 +490,8 @@ def _check(d: Dictionary, x: Array, k: int):
 def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
                   block_k: int | None = None, spill_rows: int | None = None,
                   compute_dtype=jnp.float32, impl: str | None = None,
-                  donate: bool = False) -> tuple[Array, SparseCodes]:
+                  donate: bool = False, kernel: dict | None = None
+                  ) -> tuple[Array, SparseCodes]:
   """Fused forward: (y (..., d_out) float32, SparseCodes with k slots per row).
 
   Equals ``forward(d, x, compute_dtype=...)`` for every input (rows with more than k active
@@ -495,15 +508,18 @@ def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | N
       generous multiple of k * block_width / width).
     spill_rows: rows per step of the overflow pass (default max(8, n/16)).
     compute_dtype: matmul operand dtype (float32 accumulation), as ``dictionary.matmul``.
-    impl: None (Pallas on GPU, XLA elsewhere), "xla", "pallas" or "pallas_interpret"
-      (the Pallas kernel in interpret mode, for CPU tests).
+    impl: None (Pallas on GPU for few tokens, XLA otherwise), "xla", "pallas" or
+      "pallas_interpret" (the Pallas kernel in interpret mode, for CPU tests). Shapes
+      the kernel does not take (see ``pallas_encode``) use the XLA path.
     donate: donate x's buffer to the call (only when you no longer need x).
+    kernel: Pallas tiling overrides (``pallas_encode.plan`` keywords), for tuning.
   """
   _check(d, x, k)
   fn = _run_jit_donate if donate else _run_jit
   return fn(d, x, k=int(k), block_width=block_width, block_k=block_k,
             spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
-            impl=_resolve_impl(impl), with_y=True)
+            impl=_resolve_impl(impl, x), with_y=True,
+            kernel=tuple(sorted((kernel or {}).items())))
 
 
 def encode_sparse(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
@@ -516,7 +532,7 @@ def encode_sparse(d: Dictionary, x: Array, *, k: int = 128, block_width: int | N
   _check(d, x, k)
   return _run_jit(d, x, k=int(k), block_width=block_width, block_k=block_k,
                   spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
-                  impl=_resolve_impl(impl), with_y=False)[1]
+                  impl=_resolve_impl(impl, x), with_y=False)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype",))
