@@ -18,6 +18,8 @@ from dictlearn.dictionary import (
 )
 from dictlearn import activation_data, catalog, hookpoints, metrics
 from dictlearn.io import load, save
+from dictlearn.sparse import SparseCodes, decode_sparse, encode_decode, encode_sparse
+from dictlearn import sharding
 
 __version__ = "0.1.0"
 
