@@ -19,7 +19,7 @@ fraction of true directions matched by a decoder row with cosine > 0.9, the L0 a
 the target, FVU, and the wall time of ``fit``.
 
   python benchmarks/bench_train.py [--d-in 640] [--widths 2048 8192] [--batches 256 1024 4096]
-                                   [--runs 5] [--json out.json]
+                                   [--runs 5] [--compute-dtype float32] [--json out.json]
   python benchmarks/bench_train.py --recovery [--n-feat 2048] [--d 128] [--k 4]
                                    [--width 4096] [--steps 2000] [--batch 1024]
 """
@@ -27,6 +27,7 @@ the target, FVU, and the wall time of ``fit``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -35,12 +36,13 @@ import jax
 import numpy as np
 
 
-def time_step(d_in, width, batch, runs, seed=0):
+def time_step(d_in, width, batch, runs, seed=0, compute_dtype="float32"):
   from dictlearn.train import loop, objective  # noqa: F401 - internals, on purpose
 
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((batch, d_in)).astype(np.float32)
-  cfg = _config(d_in, width, batch, steps=10_000)
+  cfg = dataclasses.replace(_config(d_in, width, batch, steps=10_000),
+                            compute_dtype=compute_dtype)
   opt = loop._optimizer(cfg, _schedule(cfg))
   state = loop._initial_state(cfg, opt, np.zeros(d_in, np.float32), None)
   dev = jax.devices()[0]
@@ -140,6 +142,8 @@ def main():
   parser.add_argument("--widths", type=int, nargs="+", default=[2048, 8192])
   parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])
   parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--compute-dtype", default="float32",
+                      help="matmul operand dtype of the step: float32 or bfloat16")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
   if args.recovery:
@@ -149,7 +153,7 @@ def main():
         json.dump(r, fh, indent=1)
     return
 
-  print(f"devices: {jax.devices()}  d_in={args.d_in}  float32")
+  print(f"devices: {jax.devices()}  d_in={args.d_in}  matmul operands {args.compute_dtype}")
   head = (f"{'width':>7} {'batch':>6} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
           f"{'pipeline ms':>12} {'pipeline/step':>14}")
   print(head)
@@ -157,7 +161,7 @@ def main():
   pipes = {}
   for width in args.widths:
     for batch in args.batches:
-      s = time_step(args.d_in, width, batch, args.runs)
+      s = time_step(args.d_in, width, batch, args.runs, compute_dtype=args.compute_dtype)
       p = pipes.get(batch)
       if p is None:
         p = pipes[batch] = time_pipeline(args.d_in, batch, args.runs)
