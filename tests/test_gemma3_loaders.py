@@ -7,6 +7,7 @@ transformers / llama.cpp / Kaggle layouts, so a round trip checks both direction
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -168,8 +169,8 @@ def test_tiny_round_trip_hf_safetensors(tiny, tmp_path):
 @pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
 def test_multimodal_checkpoint_loads_its_text_model(tiny, tmp_path, prefix):
   params, want, _ = tiny
-  vision = {"vision_tower.vision_model.embeddings.patch_embedding.weight": np.ones((2, 3), np.float32),
-            "multi_modal_projector.mm_input_projection_weight": np.ones((2, 2), np.float32)}
+  vision = {"vision_tower.vision_model.embeddings.patch_embedding.weight": np.ones((2, 3)),
+            "multi_modal_projector.mm_input_projection_weight": np.ones((2, 2))}
   write_hf_folder(tmp_path, params, TINY, prefix=prefix, extra=vision)
   with pytest.warns(UserWarning, match="no tokenizer.model"):
     model, tok = dp.load_gemma3(tmp_path)
@@ -206,6 +207,7 @@ def test_tiny_round_trip_gguf(tiny, tmp_path):
   a, b, c, nl = (tok.piece_to_id(p) for p in ("a", "b", "c", "\n"))
   assert tok.encode("ab  c\n") == [2, a, b, 262, c, nl]  # Piece 262 "  " respelled as ▁▁.
   assert tok.decode(tok.encode("ab  c\n")) == "<bos>ab  c\n"
+  assert dp.Tokenizer.from_gguf(tmp_path / "tiny.gguf").encode("ab  c\n") == tok.encode("ab  c\n")
 
 
 def test_gguf_errors(tiny, tmp_path):
@@ -230,7 +232,7 @@ def test_safetensors_errors(tiny, tmp_path):
   tensors = load_file(shard)
   dropped = sorted(k for k in tensors if "layers.6." in k)[:2]
   save_file({k: v for k, v in tensors.items() if k not in dropped}, shard)
-  with pytest.raises(ValueError, match="missing 2 Gemma 3 tensor.*" + dropped[0].replace(".", r"\.")):
+  with pytest.raises(ValueError, match=r"missing 2 Gemma 3 tensor.*" + re.escape(dropped[0])):
     dp.load_gemma3(tmp_path / "hf")
   write_hf_folder(tmp_path / "ok", params, TINY)
   with pytest.raises(ValueError, match="preset '270m' does not match"):

@@ -43,7 +43,7 @@ def test_presets_have_the_published_sizes():
   assert PRESETS["27b"].query_scale == pytest.approx(168 ** -0.5)
   assert PRESETS["1b"].query_scale == pytest.approx(256 ** -0.5)
   # 5 local : 1 global; RoPE base 10k local, 1M global, linear scale only on global layers.
-  assert [PRESETS["270m"].is_global(i) for i in range(12)] == [False] * 5 + [True] + [False] * 5 + [True]
+  assert [PRESETS["270m"].is_global(i) for i in range(12)] == ([False] * 5 + [True]) * 2
   assert PRESETS["4b"].rope(5) == (1e6, 8.0) and PRESETS["4b"].rope(4) == (1e4, 1.0)
   assert get_preset("Gemma3-1B") is PRESETS["1b"]
   with pytest.raises(ValueError, match="unknown Gemma 3 preset"):
@@ -201,7 +201,8 @@ def test_clear_errors_for_bad_param_trees(tiny):
   missing = {k: v for k, v in params.items() if "layer_3/mlp/linear" not in k}
   with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): transformer/layer_3/mlp/linear/w"):
     dp.from_gemma_params(missing)
-  with pytest.raises(ValueError, match="preset '1b' does not match.*d_model=1152 \\(checkpoint has 32\\)"):
+  with pytest.raises(ValueError,
+                     match=r"preset '1b' does not match.*d_model=1152 \(checkpoint has 32\)"):
     dp.from_gemma_params(params, preset="1b")
   no_qk_norm = {k: v for k, v in params.items() if "_query_norm" not in k}
   with pytest.raises(ValueError, match="not a Gemma 3 checkpoint.*QK-norm"):

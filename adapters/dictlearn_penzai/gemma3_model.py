@@ -40,7 +40,6 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from dictlearn.hookpoints import SITE_KINDS
 from dictlearn_penzai.gemma3_config import Gemma3Config
 from dictlearn_penzai.gemma_params import (
     PREFIX, check_params, layer_prefix, normalize_gemma_params, resolve_config)
@@ -334,4 +333,4 @@ def hook_points(model: Any) -> list[tuple[str, int]]:
 
 
 __all__ = ["ApplyScaledRoPE", "Gemma3Metadata", "MergeHeads", "from_gemma_params",
-           "hook_points", "model_config", "SITE_KINDS"]
+           "gelu_tanh", "hook_points", "model_config"]

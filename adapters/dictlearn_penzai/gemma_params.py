@@ -13,7 +13,7 @@ d_model D, hidden F, vocabulary V:
   transformer/layer_{i}/attn/attn_vec_einsum/w      (N, H, D)
   transformer/layer_{i}/attn/_query_norm/scale      (H,)
   transformer/layer_{i}/attn/_key_norm/scale        (H,)
-  transformer/layer_{i}/{pre_attention_norm,post_attention_norm,pre_ffw_norm,post_ffw_norm}/scale  (D,)
+  transformer/layer_{i}/{pre,post}_attention_norm/scale, {pre,post}_ffw_norm/scale  (D,)
   transformer/layer_{i}/mlp/gating_einsum/w         (2, F, D)     [gate, up]
   transformer/layer_{i}/mlp/linear/w                (F, D)
 
@@ -172,14 +172,19 @@ def resolve_config(params: Mapping[str, Any], preset: str | Gemma3Config = "auto
   return config
 
 
+def name_some(names: list[str], limit: int = 12) -> str:
+  """The first ``limit`` names, comma-separated, and how many more."""
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
 def check_params(params: Mapping[str, Any], config: Gemma3Config) -> None:
   """Raises ValueError naming every missing tensor and every wrong shape."""
   want = expected_shapes(config)
   missing = [k for k in want if k not in params]
   if missing:
-    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
     raise ValueError(f"the Gemma 3 {config.name} checkpoint is missing {len(missing)} "
-                     f"tensor(s): {shown}")
+                     f"tensor(s): {name_some(missing)}")
   bad = []
   for key, shape in want.items():
     got = tuple(params[key].shape)
@@ -193,7 +198,7 @@ def check_params(params: Mapping[str, Any], config: Gemma3Config) -> None:
 
 def init_gemma_params(config: Gemma3Config, seed: int = 0, dtype=np.float32
                       ) -> dict[str, np.ndarray]:
-  """A random canonical tree for ``config`` (for tests): weights ~ N(0, 1/fan_in), norms ~ N(0, 0.1)."""
+  """A random canonical tree for ``config`` (tests): weights ~ N(0, 1/fan_in), norms ~ N(0, 0.1)."""
   rng = np.random.default_rng(seed)
   d = config.d_model
   out = {}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dictlearn_penzai.gemma_params import PREFIX, layer_prefix
+from dictlearn_penzai.gemma_params import PREFIX, layer_prefix, name_some
 
 _NORMS = {"input_layernorm": "pre_attention_norm",
           "post_attention_layernorm": "post_attention_norm",
@@ -73,8 +73,7 @@ def hf_to_gemma_params(tensors: Mapping[str, Any], *, norm_offset: float = 0.0,
       for part in (*_MATRICES, *_NORMS)]
   missing = [k for k in wanted if k not in tensors]
   if missing:
-    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-    raise ValueError(f"{source}: missing {len(missing)} Gemma 3 tensor(s): {shown}")
+    raise ValueError(f"{source}: missing {len(missing)} Gemma 3 tensor(s): {name_some(missing)}")
 
   head_dim = tensors["model.layers.0.self_attn.q_norm.weight"].shape[0]
   d_model = emb.shape[1]

@@ -1,4 +1,4 @@
-"""``load_gemma3``: one entry point for every checkpoint format, all ending in ``from_gemma_params``.
+"""``load_gemma3``: one entry point for every checkpoint format, all ending in from_gemma_params.
 
 Sources, recognised in this order:
 
@@ -69,21 +69,15 @@ def load_gemma3_params(source: str | os.PathLike) -> tuple[dict[str, Any], Token
     from dictlearn_penzai.load_gguf import load_gguf_params
 
     params, gf = load_gguf_params(path)
-    meta = gf.metadata
-    tokenizer = Tokenizer.from_vocabulary(
-        meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
-        meta["tokenizer.ggml.token_type"], bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 2)),
-        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 1)),
-        unk_id=int(meta.get("tokenizer.ggml.unknown_token_id", 3)),
-        pad_id=int(meta.get("tokenizer.ggml.padding_token_id", 0))
-    ) if "tokenizer.ggml.tokens" in meta else None
+    tokenizer = Tokenizer.from_gguf(gf) if "tokenizer.ggml.tokens" in gf.metadata else None
     return params, tokenizer
   if os.path.isfile(path):
     if path.endswith(".safetensors"):
       params = load_safetensors_params(path)
       tok = os.path.join(os.path.dirname(path), "tokenizer.model")
       return params, _tokenizer_or_warn(tok if os.path.isfile(tok) else None, path)
-    raise ValueError(f"{path!r} is neither a GGUF nor a .safetensors file; not a Gemma 3 checkpoint")
+    raise ValueError(f"{path!r} is neither a GGUF nor a .safetensors file; "
+                     "not a Gemma 3 checkpoint")
   has_safetensors = any(name.endswith(".safetensors") for name in os.listdir(path))
   if has_safetensors:
     params = load_safetensors_params(path)

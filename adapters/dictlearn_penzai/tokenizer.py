@@ -66,8 +66,8 @@ class Tokenizer:
     self._special = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in _SPECIAL_TYPES}
     self._special_ids = frozenset(self._special.values())
     untagged = [s for s in self._special if not _TAG.fullmatch(s)]
-    self._untagged_re = (re.compile("|".join(map(re.escape, sorted(untagged, key=len, reverse=True))))
-                         if untagged else None)
+    longest_first = sorted(untagged, key=len, reverse=True)
+    self._untagged_re = re.compile("|".join(map(re.escape, longest_first))) if untagged else None
     spec = proto.trainer_spec
     self.bos_id = spec.bos_id if spec.bos_id >= 0 else GEMMA3_IDS["bos_id"]
     self.eos_id = spec.eos_id if spec.eos_id >= 0 else GEMMA3_IDS["eos_id"]
@@ -125,35 +125,22 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, source: Any) -> "Tokenizer":
-    """From the ``tokenizer.ggml.*`` metadata of a GGUF file (path or ``gguf.GGUFReader``)."""
-    import gguf  # Optional dependency (dictlearn[gguf]).
+    """From the ``tokenizer.ggml.*`` metadata of a GGUF file (path or ``load_gguf.GGUFFile``)."""
+    from dictlearn_penzai.load_gguf import GGUFFile, read_gguf
 
-    reader = source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(os.fspath(source))
-    fields = reader.fields
-    model = fields.get("tokenizer.ggml.model")
-    if model is None or "tokenizer.ggml.tokens" not in fields:
+    meta = (source if isinstance(source, GGUFFile) else read_gguf(source)).metadata
+    if "tokenizer.ggml.tokens" not in meta:
       raise ValueError("this GGUF file has no tokenizer metadata (tokenizer.ggml.tokens)")
-    kind = model.contents()
+    kind = meta.get("tokenizer.ggml.model")
     if kind != "llama":
       raise ValueError(f"GGUF tokenizer model {kind!r} is not SentencePiece ('llama'); "
                        "not a Gemma 3 tokenizer")
-
-    def array(name):
-      f = fields[name]
-      return [f.parts[i] for i in f.data]
-
-    pieces = [bytes(p).decode("utf-8") for p in array("tokenizer.ggml.tokens")]
-    scores = [float(p[0]) for p in array("tokenizer.ggml.scores")]
-    types = [int(p[0]) for p in array("tokenizer.ggml.token_type")]
-
-    def special(name, default):
-      f = fields.get(f"tokenizer.ggml.{name}")
-      return int(f.contents()) if f is not None else default
-
-    return cls.from_vocabulary(pieces, scores, types, bos_id=special("bos_token_id", 2),
-                               eos_id=special("eos_token_id", 1),
-                               unk_id=special("unknown_token_id", 3),
-                               pad_id=special("padding_token_id", 0))
+    special = lambda name, default: int(meta.get(f"tokenizer.ggml.{name}", default))
+    return cls.from_vocabulary(
+        meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"],
+        meta["tokenizer.ggml.token_type"], bos_id=special("bos_token_id", 2),
+        eos_id=special("eos_token_id", 1), unk_id=special("unknown_token_id", 3),
+        pad_id=special("padding_token_id", 0))
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the (respelled) SentencePiece model, loadable with ``from_file``."""
