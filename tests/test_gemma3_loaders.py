@@ -224,6 +224,7 @@ def test_gguf_errors(tiny, tmp_path):
     dp.load_gemma3(tmp_path / "cut.gguf")
 
 
+@pytest.mark.filterwarnings("ignore:no tokenizer.model found")
 def test_safetensors_errors(tiny, tmp_path):
   params, _, _ = tiny
   write_hf_folder(tmp_path / "hf", params, TINY)
