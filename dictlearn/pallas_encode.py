@@ -104,10 +104,14 @@ def _kernel(x_ref, w_ref, b_ref, t_ref, v_ref, i_ref, f_ref, c_ref, l_ref, *,
     buf_v, buf_i, fill, count, lost = carry
 
     def chunk(c, acc):
-      kmask = (c * bk + jnp.arange(bk, dtype=jnp.int32)) < d_in
-      xa = plgpu.load(x_ref.at[:, pl.ds(c * bk, bk)], mask=kmask[None, :], other=0)
-      wa = plgpu.load(w_ref.at[pl.ds(c * bk, bk), pl.ds(j * bw, bw)],
-                      mask=kmask[:, None], other=0)
+      x_at = x_ref.at[:, pl.ds(c * bk, bk)]
+      w_at = w_ref.at[pl.ds(c * bk, bk), pl.ds(j * bw, bw)]
+      if d_in % bk:  # Tail chunk: masked loads (no reads past d_in), zeros after.
+        kmask = (c * bk + jnp.arange(bk, dtype=jnp.int32)) < d_in
+        xa = jnp.where(kmask[None, :], plgpu.load(x_at, mask=kmask[None, :]), 0)
+        wa = jnp.where(kmask[:, None], plgpu.load(w_at, mask=kmask[:, None]), 0)
+      else:
+        xa, wa = x_at[...], w_at[...]
       return acc + plgpu.dot(xa.astype(compute_dtype), wa.astype(compute_dtype),
                              precision=precision)
 

@@ -68,3 +68,17 @@ def test_shapes_the_kernel_refuses_fall_back_to_xla():
 def test_cpu_default_is_xla():
   assert sparse._resolve_impl(None, jnp.zeros((4, 8))) == (
       "pallas" if jax.default_backend() == "gpu" else "xla")
+
+
+@pytest.mark.parametrize("n,dtype", [(1, "bfloat16"), (200, "float32")])
+def test_kernel_lowers_to_triton_without_a_gpu(n, dtype):
+  # Cross-platform lowering runs the Pallas -> Triton IR lowering on this CPU machine,
+  # catching unsupported ops/shapes before a GPU ever sees the kernel. (PTX compilation
+  # still needs the GPU: benchmarks/run_gpu.sh.)
+  from jax import export
+  d = jax.eval_shape(lambda: make_dictionary(0, 1000, 4096, kind="affine", dtype=dtype))
+  x = jax.ShapeDtypeStruct((n, 1000), jnp.float32)
+  f = jax.jit(lambda d, x: dl.encode_decode(d, x, k=64, impl="pallas", compute_dtype=dtype))
+  exp = export.export(f, platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(d, x)
+  assert exp.mlir_module().count("__gpu$xla.gpu.triton") == 1
