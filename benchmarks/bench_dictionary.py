@@ -202,55 +202,66 @@ def run_table(args):
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   skipped = []
   emit(args, "\n".join(lines))
-  for (d_in, width) in sizes:
-    for dtype in dtypes:
-      wbytes = jnp.dtype(dtype).itemsize * d_in * width
-      d = None
-      for n in tokens:
-        need = 2 * wbytes + (2 * 4 * n * width if not args.no_penzai else 0) + (
-            2 * 4 * d_in * width if dtype != "float32" else 0)
-        if need > args.mem_budget_gb * 2**30:
-          skipped.append(f"{d_in}x{width} {dtype} tokens={n}: needs ~{need / 2**30:.1f} GiB "
-                         f"> --mem-budget-gb {args.mem_budget_gb}")
-          continue
-        try:
-          if d is None:
-            d = make_dictionary(d_in, width, dtype, args.l0)
-          x = jax.random.normal(jax.random.PRNGKey(7 + n), (n, d_in), jnp.float32)
-          cd = jnp.dtype(dtype)
-          # Probe the floor once: rows too slow for this machine are skipped, and said so.
-          probe = make_variants(d, x, cd, args.k, False, [])[:1]
-          time_row(probe, 1, args.max_call_s)
-          if probe[0].error:
-            raise RuntimeError(probe[0].error)
-          t_floor = probe[0].times[0]
-          if t_floor > args.max_call_s:
-            skipped.append(f"{d_in}x{width} {dtype} tokens={n}: floor call {t_floor:.1f} s "
-                           f"> --max-call-s {args.max_call_s}")
-            continue
-          reps = args.reps if t_floor < 1.0 else max(3, min(args.reps, 3))
-          l0 = float(jax.jit(lambda d, x: (dl.encode(d, x) != 0).sum(-1).mean())(d, x[:64]))
-          vs = make_variants(d, x, cd, args.k, not args.no_penzai, impls)
-          time_row(vs, reps, args.max_call_s)
-        except Exception as e:
-          skipped.append(f"{d_in}x{width} {dtype} tokens={n}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}")
-          traceback.print_exc(file=sys.stderr)
-          continue
-        med = {v.name: (statistics.median(v.times) if v.times else None) for v in vs}
-        mem = {v.name: v.extra_bytes for v in vs}
-        for v in vs:
-          if v.error:
-            skipped.append(f"{d_in}x{width} {dtype} tokens={n} {v.name}: {v.error}")
-        fl = med.get("floor")
-        cells = [str(d_in), str(width), str(n), dtype, f"{l0:.0f}"]
-        cells += [fmt_ms(med.get(nm)) for nm in names]
-        cells += [("-" if (med.get(nm) is None or not fl) else f"{med[nm] / fl:.2f}")
-                  for nm in names[1:]]
-        cells += [fmt_mib(mem.get(nm)) for nm in names]
-        emit(args, "| " + " | ".join(cells) + " |")
-        del vs
-      del d
+  rows = [(size, dtype, n) for size in sizes for dtype in dtypes for n in tokens]
+  if args.row_order == "tokens":  # Every size's key rows first (for a time-boxed run).
+    rows = [(size, dtype, n) for dtype in dtypes for n in tokens for size in sizes]
+  start = time.time()
+  # Dictionaries of the current dtype stay cached (all sizes: the "tokens" order revisits
+  # them); size order keeps only one, as the widest ones take most of the memory.
+  cache = {}
+  for (d_in, width), dtype, n in rows:
+    if args.deadline_s and time.time() - start > args.deadline_s:
+      skipped.append(f"{d_in}x{width} {dtype} tokens={n}: not run (--deadline-s)")
+      continue
+    wbytes = jnp.dtype(dtype).itemsize * d_in * width
+    need = 2 * wbytes + (2 * 4 * n * width if not args.no_penzai else 0) + (
+        2 * 4 * d_in * width if dtype != "float32" else 0)
+    if need > args.mem_budget_gb * 2**30:
+      skipped.append(f"{d_in}x{width} {dtype} tokens={n}: needs ~{need / 2**30:.1f} GiB "
+                     f"> --mem-budget-gb {args.mem_budget_gb}")
+      continue
+    try:
+      if (d_in, width, dtype) not in cache:
+        for key in list(cache):
+          if args.row_order == "size" or key[2] != dtype:
+            del cache[key]
+        cache[(d_in, width, dtype)] = make_dictionary(d_in, width, dtype, args.l0)
+      d = cache[(d_in, width, dtype)]
+      x = jax.random.normal(jax.random.PRNGKey(7 + n), (n, d_in), jnp.float32)
+      cd = jnp.dtype(dtype)
+      # Probe the floor once: rows too slow for this machine are skipped, and said so.
+      probe = make_variants(d, x, cd, args.k, False, [])[:1]
+      time_row(probe, 1, args.max_call_s)
+      if probe[0].error:
+        raise RuntimeError(probe[0].error)
+      t_floor = probe[0].times[0]
+      if t_floor > args.max_call_s:
+        skipped.append(f"{d_in}x{width} {dtype} tokens={n}: floor call {t_floor:.1f} s "
+                       f"> --max-call-s {args.max_call_s}")
+        continue
+      # About 2 s of floor time per variant, between 3 and --reps runs.
+      reps = int(min(args.reps, max(3, 2.0 // max(t_floor, 1e-9))))
+      l0 = float(jax.jit(lambda d, x: (dl.encode(d, x) != 0).sum(-1).mean())(d, x[:64]))
+      vs = make_variants(d, x, cd, args.k, not args.no_penzai, impls)
+      time_row(vs, reps, args.max_call_s)
+    except Exception as e:
+      skipped.append(f"{d_in}x{width} {dtype} tokens={n}: {type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}")
+      traceback.print_exc(file=sys.stderr)
+      continue
+    med = {v.name: (statistics.median(v.times) if v.times else None) for v in vs}
+    mem = {v.name: v.extra_bytes for v in vs}
+    for v in vs:
+      if v.error:
+        skipped.append(f"{d_in}x{width} {dtype} tokens={n} {v.name}: {v.error}")
+    fl = med.get("floor")
+    cells = [str(d_in), str(width), str(n), dtype, f"{l0:.0f}"]
+    cells += [fmt_ms(med.get(nm)) for nm in names]
+    cells += [("-" if (med.get(nm) is None or not fl) else f"{med[nm] / fl:.2f}")
+              for nm in names[1:]]
+    cells += [fmt_mib(mem.get(nm)) for nm in names]
+    emit(args, "| " + " | ".join(cells) + " |")
+    del vs
   if skipped:
     emit(args, "\nSkipped:\n" + "\n".join(f"- {s}" for s in skipped))
 
@@ -330,6 +341,10 @@ def main(argv=None):
   p.add_argument("--mem-only", action="store_true", help="only the width-1m memory check")
   p.add_argument("--mem-d-in", type=int, default=1152)
   p.add_argument("--mem-tokens", nargs="*", type=int, default=[1, 128, 1024, 4096])
+  p.add_argument("--row-order", choices=["size", "tokens"], default="size",
+                 help="tokens: each size's 1-token rows first, then the next token count")
+  p.add_argument("--deadline-s", type=float, default=0.0,
+                 help="start no new row after this many seconds (0: no limit)")
   p.add_argument("--out", help="append the markdown here too")
   args = p.parse_args(argv)
   emit(args, f"\n{machine_line()}\n")
