@@ -11,7 +11,7 @@ decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
 2. decodes from the buffer only: a gather of the active rows of w_dec weighted by their
    values, plus b_dec and, for affine transcoders, ``x @ w_skip``;
 3. repairs the rows the buffer could not hold (more than ``k`` active latents, or more than
-   ``block_k`` in one block): they go, ``spill_rows`` at a time, through an exact blocked
+   ``block_k`` in one block or in ``block_k`` 16-column groups of it): they go, ``spill_rows`` at a time, through an exact blocked
    dense pass (``y += f_block @ w_dec_block``; codes keep the row's k largest activations).
    The loop over spill groups has a data-dependent trip count, so it costs nothing when no
    row overflows and stays exact when every row does.
@@ -50,11 +50,14 @@ Array = jax.Array
 # One block of pre-activations is (n, block_width) float32. On CPU it should stay well
 # inside the last-level cache and, above all, under glibc's 32 MiB mmap threshold: larger
 # temporaries are mmapped afresh on every call and page-faulted in, which on the VMs we
-# measured costs more than the matmul that fills them. GPUs want fewer, larger blocks.
+# measured costs ~1 s per GiB (vs ~0.12 s to write memory already mapped).
+# GPUs want fewer, larger blocks.
 _CPU_BLOCK_BYTES = 8 << 20
 _GPU_BLOCK_BYTES = 256 << 20
-# Decode gathers (n, slots, d_out) rows of w_dec at a time; keep that chunk small too.
-_DECODE_CHUNK_BYTES = 4 << 20
+# Decode gathers (n, slots, d_out) rows of w_dec at a time: small chunks on CPU (same
+# reason), larger on GPU where each loop step is a few kernel launches.
+_CPU_DECODE_BYTES = 4 << 20
+_GPU_DECODE_BYTES = 128 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,8 +280,8 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
                   compute_dtype) -> Array:
   """sum_j values[:, j] * w_dec[indices[:, j]] over the filled slots: (n, d_out) f32.
 
-  Slots are taken ``chunk`` at a time ((n, chunk, d_out) gathered rows at most
-  _DECODE_CHUNK_BYTES), and only up to the fullest row, so a short row costs what it holds.
+  Slots are taken ``chunk`` at a time ((n, chunk, d_out) gathered rows within the
+  backend's budget), and only up to the fullest row, so short rows cost what they hold.
   Operands are rounded to compute_dtype and multiplied in float32, which is what a
   compute_dtype matmul with float32 accumulation does.
   """
@@ -288,7 +291,8 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
   vals = values.astype(cd).astype(jnp.float32)
   if fill is not None:
     vals = jnp.where(lax.iota(jnp.int32, k)[None, :] < fill[:, None], vals, 0.0)
-  chunk = int(max(1, min(k, _DECODE_CHUNK_BYTES // (4 * d_out * max(n, 1)))))
+  budget = _CPU_DECODE_BYTES if _backend() == "cpu" else _GPU_DECODE_BYTES
+  chunk = int(max(1, min(k, budget // (4 * d_out * max(n, 1)))))
 
   def part(v, i):  # v, i: (n, c)
     rows = jnp.take(w_dec, i, axis=0, mode="clip").astype(cd).astype(jnp.float32)
