@@ -53,7 +53,7 @@ Array = jax.Array
 # measured costs ~1 s per GiB (vs ~0.12 s to write memory already mapped).
 # GPUs want fewer, larger blocks.
 _CPU_BLOCK_BYTES = 8 << 20
-_GPU_BLOCK_BYTES = 256 << 20
+_GPU_BLOCK_BYTES = 128 << 20
 # Decode gathers (n, slots, d_out) rows of w_dec at a time: small chunks on CPU (same
 # reason), larger on GPU where each loop step is a few kernel launches.
 _CPU_DECODE_BYTES = 4 << 20
