@@ -403,9 +403,11 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
 
 
 def _auto_spill_rows(n: int) -> int:
-  # A spill step reads all of w_enc and w_dec whatever R is, so R trades a wasted read
-  # (few overflows) against more steps (many). n/16, at least 8, covers both well.
-  return int(max(1, min(n, max(8, n // 16))))
+  # A spill step costs a read of w_enc and w_dec plus 4 * R * d * width flops, whoever
+  # overflowed: R trades wasted rows when one token overflows (the usual case: a long
+  # tail of L0) against more steps when many do. n/64, at least 8: one overflowed row
+  # among 1024 costs ~3% of the encoder matmul.
+  return int(max(1, min(n, max(8, n // 64))))
 
 
 # ------------------------------------------------------------------------------ the core
@@ -510,7 +512,7 @@ def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | N
     block_width: w_enc columns per scan step; default from a per-backend memory budget.
     block_k: active latents one row may have in one block before it spills (default: a
       generous multiple of k * block_width / width).
-    spill_rows: rows per step of the overflow pass (default max(8, n/16)).
+    spill_rows: rows per step of the overflow pass (default max(8, n/64)).
     compute_dtype: matmul operand dtype (float32 accumulation), as ``dictionary.matmul``.
     impl: None (Pallas on GPU for few tokens, XLA otherwise), "xla", "pallas" or
       "pallas_interpret" (the Pallas kernel in interpret mode, for CPU tests). Shapes
