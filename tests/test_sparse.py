@@ -38,7 +38,7 @@ def cases(draw):
   return d, inputs(seed, shape, d_in), k, block_width, block_k, jnp.dtype(compute)
 
 
-@settings(max_examples=10)
+@settings(max_examples=8)
 @given(cases())
 def test_encode_decode_equals_forward_and_codes_are_the_nonzeros(case):
   d, x, k, bw, bk, cd = case
@@ -53,7 +53,7 @@ def test_encode_decode_equals_forward_and_codes_are_the_nonzeros(case):
   check_codes(codes, dl.encode(d, x, compute_dtype=cd), k, tol)
 
 
-@settings(max_examples=5)
+@settings(max_examples=4)
 @given(cases())
 def test_decode_sparse_of_encode_sparse_is_forward(case):
   d, x, k, bw, bk, cd = case
