@@ -84,9 +84,12 @@ def plan(n: int, d_in: int, width: int, k: int, *, block_tokens: int | None = No
   if tiles % splits:
     return None
   if capacity is None:
-    # A split sees ~k / splits of a full row's actives; 4x that (at least 8) rarely spills.
-    capacity = min(_pow2_at_least(k), max(8, _pow2_at_least(4 * k / splits)))
-  return KernelPlan(bt, bw, block_k, splits, capacity, num_warps or 4, num_stages or 3)
+    # A split sees ~k / splits of a full row's actives (k is sized above the L0); twice
+    # that, at least 8, rarely spills and keeps the (bt, capacity) buffers in registers.
+    capacity = min(_pow2_at_least(k), max(8, _pow2_at_least(2 * k / splits)))
+  if num_warps is None:  # acc, key and buffers are all register tiles: wider tiles, more warps.
+    num_warps = 4 if bt * bw <= 16 * 128 else 8
+  return KernelPlan(bt, bw, block_k, splits, capacity, num_warps, num_stages or 3)
 
 
 def _kernel(x_ref, w_ref, b_ref, t_ref, v_ref, i_ref, f_ref, c_ref, l_ref, *,
