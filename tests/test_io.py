@@ -29,7 +29,8 @@ def _same(a, b):
 
 @given(kind=st.sampled_from(["sae", "transcoder", "affine"]),
        dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
-       d_in=st.integers(1, 12), width=st.integers(1, 40), seed=st.integers(0, 999))
+       d_in=st.sampled_from([1, 4, 9]), width=st.sampled_from([1, 6, 40]),
+       seed=st.integers(0, 999))
 def test_save_load_round_trip_is_bit_exact(tmp_path_factory, kind, dtype, d_in, width, seed):
   meta = dl.DictMeta(kind="sae" if kind == "sae" else "transcoder", site="mlp_in", layer=4,
                      model_name="gemma-v3-270m-pt", l0=17.5)
