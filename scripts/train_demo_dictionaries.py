@@ -26,7 +26,7 @@ import dictlearn as dl
 import dictlearn.train
 from dictlearn import hookpoints
 from dictlearn_penzai import sites
-from dictlearn_penzai.harvest import harvest, pydoc_corpus
+from dictlearn_penzai.harvesting import harvest, pydoc_corpus
 from dictlearn_penzai.loading import load_gemma3
 from dictlearn_penzai.train_cli import default_model
 

@@ -18,3 +18,6 @@ from dictlearn_penzai.loading import load_gemma3, load_gemma3_params
 from dictlearn_penzai.sampling import (
     forward_logits, generate, generate_tokens, make_kv_cached, pad_batch)
 from dictlearn_penzai.tokenizer import Tokenizer, format_chat
+
+# Harvesting activations for training (dictlearn.train.fit reads the shards).
+from dictlearn_penzai.harvesting import harvest

@@ -23,7 +23,7 @@ import dictlearn as dl
 import dictlearn.train
 from dictlearn import hookpoints
 from dictlearn_penzai import sites as S
-from dictlearn_penzai.harvest import harvest, pydoc_corpus
+from dictlearn_penzai.harvesting import harvest, pydoc_corpus
 
 
 def default_model() -> str:
