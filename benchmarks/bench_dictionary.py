@@ -331,7 +331,7 @@ def main(argv=None):
   p.add_argument("--sizes", nargs="*", type=parse_size, help="d_inxwidth, e.g. 1152x65536 or 1152x64k")
   p.add_argument("--tokens", nargs="*", type=int)
   p.add_argument("--dtypes", nargs="*", choices=["float32", "bfloat16"])
-  p.add_argument("--k", type=int, default=128, help="code slots of encode_decode")
+  p.add_argument("--k", type=int, default=256, help="code slots of encode_decode")
   p.add_argument("--l0", type=float, default=64.0, help="target active latents per token")
   p.add_argument("--reps", type=int, default=5, help="timed runs per variant (after warm-up)")
   p.add_argument("--no-penzai", action="store_true")

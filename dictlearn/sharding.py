@@ -174,7 +174,7 @@ def _sharded_fn(mesh, width_axis, data_axis, k, compute_dtype, block_width, bloc
   return jax.jit(run)
 
 
-def encode_decode(d: Dictionary, x: Array, mesh: Mesh, *, k: int = 128,
+def encode_decode(d: Dictionary, x: Array, mesh: Mesh, *, k: int = 256,
                   width_axis: str = "width", data_axis: str | None = None,
                   block_width: int | None = None, block_k: int | None = None,
                   spill_rows: int | None = None, compute_dtype=jnp.float32,

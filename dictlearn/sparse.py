@@ -189,15 +189,16 @@ def _block_pre(x, w, b, t, start, valid_from, compute_dtype):
 def _append(buf_v, buf_i, fill, v, i, c, k):
   """Appends the first c of (v, i) (n, kb) to each row's buffer (n, k) after ``fill``.
 
-  A gather per slot rather than a scatter: slot s of row r takes candidate s - fill[r]
-  when that is in [0, c[r]), which XLA vectorises (scatters run serially on CPU).
+  A scatter of n * kb slots (those past c or k go out of bounds and are dropped): 4x
+  cheaper on CPU than rebuilding the (n, k) buffer with a gather per block.
   """
-  kb = v.shape[1]
-  off = lax.iota(jnp.int32, k)[None, :] - fill[:, None]
-  take = (off >= 0) & (off < c[:, None])
-  offc = jnp.clip(off, 0, kb - 1)
-  buf_v = jnp.where(take, jnp.take_along_axis(v, offc, axis=1), buf_v)
-  buf_i = jnp.where(take, jnp.take_along_axis(i, offc, axis=1), buf_i)
+  n, kb = v.shape
+  slot = lax.iota(jnp.int32, kb)[None, :]
+  pos = fill[:, None] + slot
+  pos = jnp.where((slot < c[:, None]) & (pos < k), pos, k)
+  rows = lax.iota(jnp.int32, n)[:, None]
+  buf_v = buf_v.at[rows, pos].set(v, mode="drop", unique_indices=True)
+  buf_i = buf_i.at[rows, pos].set(i, mode="drop", unique_indices=True)
   return buf_v, buf_i, jnp.minimum(fill + c, k)
 
 
@@ -208,17 +209,18 @@ def _block_candidates(pre: Array, act: Array, kb: int):
   """Up to kb active latents per row of one block: (values (n, kb), cols (n, kb), missed).
 
   Actives come first (by value), inactive slots follow with value -inf. ``missed`` (n,)
-  flags rows with an active latent left out. XLA:CPU's top_k costs ~2 ns per element,
-  about a tenth of the block's matmul, so wide blocks are cut into groups of 16 columns:
-  a vectorised max per group, top_k over the group maxima picks the kb groups holding
-  actives, and a top_k over those kb * 16 values picks the latents; 2-3x cheaper, exact
-  whenever a row has at most kb active groups (else ``missed``).
+  flags rows with an active latent left out. XLA:CPU's top_k costs ~2 ns per element
+  (5-10% of the block's matmul at d_in 640-1152). Very wide blocks (the one-block, few
+  token case) are cut into groups of 16 columns: a vectorised max per group, top_k over
+  the group maxima picks the kb groups holding actives, and a top_k over those kb * 16
+  values picks the latents; exact whenever a row has at most kb active groups (else
+  ``missed``). With many rows the group gather costs more than it saves.
   """
   n, bw = pre.shape
   key = jnp.where(act, pre, -jnp.inf)  # Actives are > threshold >= -inf: they sort first.
   c = act.sum(-1, dtype=jnp.int32)
   g = _GROUP
-  if bw % g or bw // g <= 8 * kb:  # Few groups per slot: one top_k is cheaper.
+  if bw % g or bw // g < 16 * kb:  # The group gather only pays on few, wide rows.
     v, i = lax.top_k(key, kb)
     return v, i.astype(jnp.int32), c > kb
   key3 = key.reshape(n, bw // g, g)
@@ -493,7 +495,7 @@ def _check(d: Dictionary, x: Array, k: int):
     raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
 
 
-def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
+def encode_decode(d: Dictionary, x: Array, *, k: int = 256, block_width: int | None = None,
                   block_k: int | None = None, spill_rows: int | None = None,
                   compute_dtype=jnp.float32, impl: str | None = None,
                   donate: bool = False, kernel: dict | None = None
@@ -507,8 +509,8 @@ def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | N
   Args:
     d: a JumpReLUSAE or Transcoder (affine transcoders add ``x @ w_skip``).
     x: (..., d_in) inputs, any leading shape.
-    k: code slots per row. Pick it above the dictionary's typical L0: rows above it are
-      exact but slow (spill pass).
+    k: code slots per row. Pick it well above the dictionary's typical L0 (per-token L0
+      has a long tail): rows above it are exact but slow (spill pass).
     block_width: w_enc columns per scan step; default from a per-backend memory budget.
     block_k: active latents one row may have in one block before it spills (default: a
       generous multiple of k * block_width / width).
@@ -528,7 +530,7 @@ def encode_decode(d: Dictionary, x: Array, *, k: int = 128, block_width: int | N
             kernel=tuple(sorted((kernel or {}).items())))
 
 
-def encode_sparse(d: Dictionary, x: Array, *, k: int = 128, block_width: int | None = None,
+def encode_sparse(d: Dictionary, x: Array, *, k: int = 256, block_width: int | None = None,
                   block_k: int | None = None, spill_rows: int | None = None,
                   compute_dtype=jnp.float32, impl: str | None = None) -> SparseCodes:
   """The active latents of x (..., d_in) as SparseCodes (k slots per row), blockwise.

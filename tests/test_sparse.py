@@ -79,6 +79,10 @@ def test_overflow_rows_are_exact_and_flagged(kind):
   assert np.asarray(codes.overflow).any() and not np.asarray(codes.overflow).all()
   assert_close(y, dl.forward(d, x), 1e-5)
   check_codes(codes, f, 16, 1e-5)
+  # One block over the whole width, few slots: the grouped (two-stage) selection.
+  y, codes = dl.encode_decode(d, x, k=4)
+  assert_close(y, dl.forward(d, x), 1e-5)
+  check_codes(codes, f, 4, 1e-5)
 
 
 def test_width_not_divisible_by_block_uses_overlapping_blocks():
