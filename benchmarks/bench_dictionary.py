@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import os
 import platform
 import statistics
@@ -220,11 +221,13 @@ def run_table(args):
       skipped.append(f"{d_in}x{width} {dtype} tokens={n}: needs ~{need / 2**30:.1f} GiB "
                      f"> --mem-budget-gb {args.mem_budget_gb}")
       continue
+    d = x = probe = vs = None  # Drop the last row's arrays before building new ones.
     try:
       if (d_in, width, dtype) not in cache:
         for key in list(cache):
           if args.row_order == "size" or key[2] != dtype:
             del cache[key]
+        gc.collect()
         cache[(d_in, width, dtype)] = make_dictionary(d_in, width, dtype, args.l0)
       d = cache[(d_in, width, dtype)]
       x = jax.random.normal(jax.random.PRNGKey(7 + n), (n, d_in), jnp.float32)
@@ -239,8 +242,8 @@ def run_table(args):
         skipped.append(f"{d_in}x{width} {dtype} tokens={n}: floor call {t_floor:.1f} s "
                        f"> --max-call-s {args.max_call_s}")
         continue
-      # About 2 s of floor time per variant, between 3 and --reps runs.
-      reps = int(min(args.reps, max(3, 2.0 // max(t_floor, 1e-9))))
+      # About --rep-seconds of floor time per variant, between 3 and --reps runs.
+      reps = int(min(args.reps, max(3, args.rep_seconds // max(t_floor, 1e-9))))
       l0 = float(jax.jit(lambda d, x: (dl.encode(d, x) != 0).sum(-1).mean())(d, x[:64]))
       vs = make_variants(d, x, cd, args.k, not args.no_penzai, impls)
       time_row(vs, reps, args.max_call_s)
@@ -334,6 +337,8 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=256, help="code slots of encode_decode")
   p.add_argument("--l0", type=float, default=64.0, help="target active latents per token")
   p.add_argument("--reps", type=int, default=5, help="timed runs per variant (after warm-up)")
+  p.add_argument("--rep-seconds", type=float, default=2.0,
+                 help="fewer runs (at least 3) when reps x the floor time exceeds this")
   p.add_argument("--no-penzai", action="store_true")
   p.add_argument("--mem-budget-gb", type=float, default=14.0)
   p.add_argument("--max-call-s", type=float, default=30.0)

@@ -47,13 +47,23 @@ from dictlearn.dictionary import Dictionary, check_input, matmul
 
 Array = jax.Array
 
-# One block of pre-activations is (n, block_width) float32. On CPU it should stay well
-# inside the last-level cache and, above all, under glibc's 32 MiB mmap threshold: larger
-# temporaries are mmapped afresh on every call and page-faulted in, which on the VMs we
-# measured costs ~1 s per GiB (vs ~0.12 s to write memory already mapped).
-# GPUs want fewer, larger blocks.
-_CPU_BLOCK_BYTES = 8 << 20
+# One block of pre-activations is (n, block_width) float32, and on CPU the block's w_enc
+# columns are copied too (XLA:CPU's dot reads a strided block only after a copy). On CPU
+# both should stay within a slice of the last-level cache and, above all, under glibc's
+# 32 MiB mmap threshold: larger temporaries are mmapped afresh on every call and
+# page-faulted in, which on the VMs we measured costs ~1 s per GiB (vs ~0.12 s to write
+# memory already mapped). Measured on a 32 MiB L3 (d_in 1152, width 65k): 128 tokens
+# run best with 4.5 MiB weight blocks (B=1024), 1024 tokens with 8 MiB of
+# pre-activations and 9 MiB of weights (B=2048): the weight budget grows with n, as the
+# matmul per block does. One block over the whole width (no weight copy) is used while
+# its pre-activations fit _CPU_ONE_BLOCK_BYTES. GPUs want fewer, larger blocks.
+_CPU_PRE_BYTES = 8 << 20
+_CPU_ONE_BLOCK_BYTES = 24 << 20
 _GPU_BLOCK_BYTES = 128 << 20
+
+
+def _cpu_weight_bytes(n: int) -> int:
+  return min(16 << 20, (5 << 20) * (1 + n // 256))
 # Decode gathers (n, slots, d_out) rows of w_dec at a time: small chunks on CPU (same
 # reason), larger on GPU where each loop step is a few kernel launches.
 _CPU_DECODE_BYTES = 4 << 20
@@ -112,23 +122,23 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   """Chooses (block_width, block_k) for n tokens: a static, per-shape decision.
 
   block_width: the whole width when the (n, width) float32 pre-activations fit the
-  backend's budget (e.g. at one token); else the largest divisor of width whose block
-  (pre-activations, plus on CPU the copied w_enc columns) fits. A width with no
-  reasonable divisor uses blocks that overlap at the end (see ``_block_fn``).
+  backend's budget (e.g. at one token); else the largest divisor of width whose block of
+  pre-activations (and on CPU, of copied w_enc columns) fits. A width with no reasonable
+  divisor uses blocks that overlap at the end (see ``_block_fn``).
   block_k: how many active latents one row may have in one block before it spills; a
   generous multiple of the share of k that block should see on average.
   """
   backend = backend or _backend()
   if block_width is None:
-    budget = _CPU_BLOCK_BYTES if backend == "cpu" else _GPU_BLOCK_BYTES
-    if 4 * n * width <= budget:
+    cpu = backend == "cpu"
+    if 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
       block_width = width  # One block: no weight slices at all (the common 1-token case).
     else:
-      # Per column a block holds n float32 pre-activations and (CPU) a copy of the w_enc
-      # column (XLA:CPU's dot reads a strided block only after copying it).
-      per_col = 4 * n + (4 * d_in if backend == "cpu" else 0)
-      cap = max(128, budget // per_col)
-      cap = 1 << int(math.log2(cap))
+      if cpu:
+        cap = min(_CPU_PRE_BYTES // (4 * n), _cpu_weight_bytes(n) // (4 * d_in))
+      else:
+        cap = _GPU_BLOCK_BYTES // (4 * n)
+      cap = 1 << int(math.log2(max(128, cap)))
       block_width = _largest_divisor_at_most(width, cap)
       if block_width < cap // 4:  # An awkward width: use overlapping blocks instead.
         block_width = cap

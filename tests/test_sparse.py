@@ -98,8 +98,9 @@ def test_plan_blocks_respects_budget_and_divides_width():
   bw, bk = sparse.plan_blocks(1, 1152, 65536, 128, backend="cpu")
   assert bw == 65536 and bk == 128  # One token: one block, no weight slices.
   bw, bk = sparse.plan_blocks(1024, 1152, 65536, 128, backend="cpu")
-  assert 65536 % bw == 0 and bw * (4 * 1024 + 4 * 1152) <= sparse._CPU_BLOCK_BYTES
-  assert 1 <= bk <= min(128, bw)
+  assert 65536 % bw == 0 and bw * 4 * 1024 <= sparse._CPU_PRE_BYTES
+  assert bw * 4 * 1152 <= sparse._cpu_weight_bytes(1024) and 1 <= bk <= min(128, bw)
+  assert sparse.plan_blocks(128, 1152, 65536, 128, backend="cpu")[0] == 1024
   bw, _ = sparse.plan_blocks(4096, 1152, 1 << 20, 128, backend="gpu")
   assert 4 * 4096 * bw <= sparse._GPU_BLOCK_BYTES
   assert sparse.plan_blocks(8, 4, 7, 3, block_width=100)[0] == 7
