@@ -143,15 +143,24 @@ SWEEP = {
 }
 
 
+# XLA-path block widths at 1024 tokens (the default plan picks 128 MiB blocks).
+XLA_SWEEP = [dict(block_width=4096), dict(block_width=16384)]
+
+
 def run_sweep(args):
-  d_in, width, k = 1152, 65536, 128
+  d_in, width, k = 1152, 65536, 256
+  sweep = SWEEP
+  if args.small:  # CPU smoke test of this script.
+    d_in, width = 64, 4096
+    sweep = {n: cfgs[:1] for n, cfgs in SWEEP.items()}
   d = make(0, d_in, width, "sae", "bfloat16", 64)
-  emit(args, f"\nPallas tilings vs XLA, encode_decode (k={k}), d_in={d_in}, width={width}, "
+  emit(args, f"\nPallas tilings (and XLA block widths) vs the XLA default, encode_decode "
+             f"(k={k}), d_in={d_in}, width={width}, "
              f"bf16, median of 20 (ms), {jax.devices()[0].device_kind}\n")
   emit(args, "| tokens | config | plan | ms | xla ms | xla/pallas |")
   emit(args, "|---|---|---|---|---|---|")
   deadline = time.time() + args.deadline_s
-  for n, configs in SWEEP.items():
+  for n, configs in sweep.items():
     x = jax.random.normal(jax.random.PRNGKey(2), (n, d_in), jnp.float32)
     try:
       fx = jax.jit(lambda d, x: sparse.encode_decode(d, x, k=k, impl="xla",
@@ -160,6 +169,18 @@ def run_sweep(args):
     except Exception as e:
       t_x = float("nan")
       emit(args, f"| {n} | xla | - | ERROR {type(e).__name__} | - | - |")
+    if n == 1024:
+      for cfg in XLA_SWEEP:
+        if time.time() > deadline:
+          continue
+        try:
+          fb = jax.jit(lambda d, x, cfg=cfg: sparse.encode_decode(
+              d, x, k=k, impl="xla", compute_dtype=jnp.bfloat16, **cfg))
+          t_b = timeit(fb, d, x)
+          emit(args, f"| {n} | xla {cfg} | - | {t_b * 1e3:.3f} | {t_x * 1e3:.3f} | "
+                     f"{t_x / t_b:.2f} (xla default / this) |")
+        except Exception as e:
+          emit(args, f"| {n} | xla {cfg} | - | ERROR {type(e).__name__} | - | - |")
     for cfg in [{}] + configs:
       if time.time() > deadline:
         emit(args, f"| {n} | {cfg or 'default'} | - | not run (deadline) | - | - |")
