@@ -31,14 +31,18 @@ def test_sharded_equals_single_device(mesh_name, kind):
   assert ds.w_enc.sharding.spec == P(None, "width")
   assert ds.w_dec.sharding.spec == P("width", None)
   assert ds.b_dec.sharding.spec == P()
-  xs = sharding.shard_tokens(x, mesh, None)
-
   f = dl.encode(d, x)
-  fs = sharding.encode(ds, xs, mesh, data_axis=None)
+  # The dense functions on 8 tokens split over the data axis (when there is one).
+  x8 = sharding.shard_tokens(x[:8], mesh, data_axis)
+  fs = sharding.encode(ds, x8, mesh, data_axis=data_axis)
   assert fs.sharding.spec[-1] == "width"  # Stays split by latent: no communication.
-  assert_close(fs, f, 1e-6)
-  assert_close(sharding.decode(ds, f, x, mesh=mesh), dl.decode(d, f, x), 1e-5)
-  assert_close(sharding.forward(ds, xs, mesh), dl.forward(d, x), 1e-5)
+  assert fs.sharding.spec[0] == data_axis
+  assert_close(fs, f[:8], 1e-6)
+  assert_close(sharding.decode(ds, fs, x8, mesh=mesh, data_axis=data_axis),
+               dl.decode(d, f[:8], x[:8]), 1e-5)
+  ys = sharding.forward(ds, x8, mesh, data_axis=data_axis)
+  assert ys.sharding.spec == (P(data_axis, None) if data_axis else P())
+  assert_close(ys, dl.forward(d, x[:8]), 1e-5)
 
   y, codes = sharding.encode_decode(ds, x, mesh, k=12, data_axis=data_axis, spill_rows=2)
   assert np.asarray(codes.overflow).any()
