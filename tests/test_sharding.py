@@ -41,7 +41,7 @@ def test_sharded_equals_single_device(mesh_name, kind):
   assert_close(sharding.decode(ds, fs, x8, mesh=mesh, data_axis=data_axis),
                dl.decode(d, f[:8], x[:8]), 1e-5)
   ys = sharding.forward(ds, x8, mesh, data_axis=data_axis)
-  assert ys.sharding.spec == (P(data_axis, None) if data_axis else P())
+  assert tuple(ys.sharding.spec)[:1] == ((data_axis,) if data_axis else ())
   assert_close(ys, dl.forward(d, x[:8]), 1e-5)
 
   y, codes = sharding.encode_decode(ds, x, mesh, k=12, data_axis=data_axis, spill_rows=2)
