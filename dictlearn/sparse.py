@@ -7,7 +7,8 @@ decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
 1. scans over blocks of ``block_width`` columns of w_enc; each block's pre-activations
    (tokens x block_width) are thresholded and its active latents (top ``block_k`` by value
    of the block, then appended in order) go into a running buffer of ``k`` slots per row,
-   so only one block of the latent matrix ever exists;
+   so only one block of the latent matrix ever exists (a block spans the whole width only
+   while n * width * 4 bytes fits a small budget, e.g. at one token: ``plan_blocks``);
 2. decodes from the buffer only: a gather of the active rows of w_dec weighted by their
    values, plus b_dec and, for affine transcoders, ``x @ w_skip``;
 3. repairs the rows the buffer could not hold (more than ``k`` active latents, or more than
