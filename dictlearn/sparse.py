@@ -69,6 +69,7 @@ def _cpu_weight_bytes(n: int) -> int:
 # fused gather-multiply-add) beats batched chunks once n is more than a few tokens
 # (measured 1.6x at 128 tokens); on GPU each loop step is a few kernel launches.
 _CPU_DECODE_BYTES = 256 << 10
+_CPU_ONE_DECODE_BYTES = 4 << 20
 _GPU_DECODE_BYTES = 128 << 20
 
 
@@ -305,8 +306,14 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
   vals = values.astype(cd).astype(jnp.float32)
   if fill is not None:
     vals = jnp.where(lax.iota(jnp.int32, k)[None, :] < fill[:, None], vals, 0.0)
-  budget = _CPU_DECODE_BYTES if _backend() == "cpu" else _GPU_DECODE_BYTES
-  chunk = int(max(1, min(k, budget // (4 * d_out * max(n, 1)))))
+  row_bytes = 4 * d_out * max(n, 1)
+  if _backend() == "cpu":
+    # All slots at once while small (no loop: XLA:CPU upcasts bf16 weights carried into
+    # a loop, a full copy of w_dec per call), else one slot a step.
+    chunk = k if k * row_bytes <= _CPU_ONE_DECODE_BYTES else _CPU_DECODE_BYTES // row_bytes
+  else:
+    chunk = _GPU_DECODE_BYTES // row_bytes
+  chunk = int(max(1, min(k, chunk)))
 
   def part(v, i):  # v, i: (n, c)
     rows = jnp.take(w_dec, i, axis=0, mode="clip").astype(cd).astype(jnp.float32)
