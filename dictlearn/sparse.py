@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from dictlearn.dictionary import Dictionary, check_input, matmul
+from dictlearn.dictionary import Dictionary, check_input, check_skip_input, matmul
 
 Array = jax.Array
 
@@ -583,13 +583,8 @@ def decode_sparse(d: Dictionary, codes: SparseCodes, x: Array | None = None, *,
   overflowed row decodes only the k latents it kept (use encode_decode for exact output).
   Affine transcoders need x (..., d_in) for the skip term.
   """
-  if d.w_skip is not None:
-    if x is None:
-      raise ValueError(
-          "this transcoder has an affine skip connection (w_skip), so decode_sparse needs "
-          "the input too: decode_sparse(d, codes, x)")
-    check_input(d, x)
-  else:
+  check_skip_input(d, x, "decode_sparse(d, codes, x)")
+  if d.w_skip is None:
     x = None
   if codes.indices.shape != codes.values.shape:
     raise ValueError(f"codes.indices {codes.indices.shape} and codes.values "

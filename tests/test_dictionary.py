@@ -1,5 +1,7 @@
 """Properties of the core dictionary math: JumpReLU, encode/decode/forward, shapes, dtypes."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,22 @@ def test_affine_transcoder_decode_needs_input():
   with pytest.raises(ValueError, match=r"decode\(d, f, x\)"):
     dl.decode(t, f)
   assert dl.decode(t, f, jnp.ones((2, 6))).shape == (2, 4)
+
+
+def test_big_bf16_weights_on_cpu_warn_and_small_ones_do_not():
+  # Shapes only: check_input looks at dtype and size, so nothing is allocated.
+  def shaped(d_in, width, dtype):
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    return dl.JumpReLUSAE(w_enc=s(d_in, width), b_enc=s(width), threshold=s(width),
+                          w_dec=s(width, d_in), b_dec=s(d_in))
+  x = jnp.ones((2, 1024))
+  if jax.default_backend() == "cpu":
+    with pytest.warns(UserWarning, match=r"d.astype\(jnp.float32\)"):
+      dl.dictionary.check_input(shaped(1024, 32768, jnp.bfloat16), x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    dl.dictionary.check_input(shaped(1024, 32768, jnp.float32), x)
+    dl.dictionary.check_input(shaped(1024, 1024, jnp.bfloat16), x)
 
 
 def test_wrong_input_width_is_a_clear_error():
