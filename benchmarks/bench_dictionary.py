@@ -342,7 +342,9 @@ def main(argv=None):
   p.add_argument("--k", type=int, default=256, help="code slots of encode_decode")
   p.add_argument("--l0", type=float, default=64.0, help="target active latents per token")
   p.add_argument("--reps", type=int, default=5, help="timed runs per variant (after warm-up)")
-  p.add_argument("--rep-seconds", type=float, default=2.0,
+  # 6 s: rows with a ~1 s floor (1024 tokens at d_in 1152, width 65k on 2 cores) still
+  # get 5 runs; with 3, their medians moved by +-10% between runs.
+  p.add_argument("--rep-seconds", type=float, default=6.0,
                  help="fewer runs (at least 3) when reps x the floor time exceeds this")
   p.add_argument("--no-penzai", action="store_true")
   p.add_argument("--mem-budget-gb", type=float, default=14.0)

@@ -6,7 +6,10 @@
 # Assumes a Python with jax[cuda] already installed (no network needed). Steps, each in
 # its own process under its own time limit, so one failure or hang loses only itself:
 #
-#   install   pip install -e . --no-deps (falls back to PYTHONPATH)            <= 40 s
+#   install   pip install -e . --no-deps (falls back to PYTHONPATH), and any wheels in
+#             .whl/ (penzai, ordered_set, treescope: the device machine has no index;
+#             `pip download --no-deps -d .whl penzai ordered-set treescope` here and
+#             carry .whl along)                                               <= 40 s
 #   checks    the compiled Pallas kernel vs the reference and the XLA path     <= 70 s
 #             -> $OUT/gpu_checks.md
 #   sweep     a few Pallas tilings vs XLA at d_in 1152, width 65k, bf16        <= 55 s
@@ -45,7 +48,8 @@ T0=$(date +%s)
 # Offline first (needs setuptools>=77 present); then pip's isolated build (needs an index);
 # either way PYTHONPATH above already makes the checkout importable.
 step install 40 bash -c "'$PY' -m pip install --no-deps --no-build-isolation -q -e . ||
-  '$PY' -m pip install --no-deps -q -e ."
+  '$PY' -m pip install --no-deps -q -e .
+  if ls .whl/*.whl >/dev/null 2>&1; then '$PY' -m pip install --no-deps --no-index -q .whl/*.whl; fi"
 {
   "$PY" -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__); print(jax.devices())"
   "$PY" -c "import penzai; print('penzai', penzai.__version__)" || echo "penzai missing: the penzai column will be empty"
