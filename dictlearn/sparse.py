@@ -5,8 +5,9 @@ multiplies it by w_dec: for 1m latents at 1024 tokens that matrix alone is 4 GiB
 decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
 
 1. scans over blocks of ``block_width`` columns of w_enc; each block's pre-activations
-   (tokens x block_width) are thresholded and its active latents (top ``block_k`` by value
-   of the block, then appended in order) go into a running buffer of ``k`` slots per row,
+   (tokens x block_width) are thresholded and up to ``block_k`` of its active latents per
+   row (compacted by a small C++ kernel on CPU, ``cpu_select``; the top ``block_k`` by
+   value with ``lax.top_k`` elsewhere) are appended to a running buffer of ``k`` slots,
    so only one block of the latent matrix ever exists (a block spans the whole width only
    while n * width * 4 bytes fits a small budget, e.g. at one token: ``plan_blocks``);
 2. decodes from the buffer only: a gather of the active rows of w_dec weighted by their
@@ -246,23 +247,44 @@ def _block_candidates(pre: Array, act: Array, kb: int):
   return v, col.astype(jnp.int32), (c > kb) | (groups > kb)
 
 
+def _use_cpu_kernel(width: int, block_width: int) -> bool:
+  """Compaction by ``cpu_select`` (CPU, kernel built, blocks that tile the width)."""
+  if _backend() != "cpu" or width % block_width:
+    return False
+  from dictlearn import cpu_select
+  return cpu_select.available()
+
+
 def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: int,
                    compute_dtype):
   """The fused sparse encoder: (values, indices, fill, count, lost), all per row.
 
   ``lost`` marks rows whose buffer misses an active latent (count > k, or a block with
-  more than block_k): exactly the rows the spill pass must redo.
+  more than block_k): exactly the rows the spill pass must redo. On CPU each block's
+  actives are compacted by the ``cpu_select`` kernel (column order), elsewhere picked
+  by ``_block_candidates`` (value order); codes are in no particular order either way.
   """
   n = x.shape[0]
   width = d.width
   nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width)
+  kernel = _use_cpu_kernel(width, block_width)
+
+  def candidates(j, kb):
+    """Block j: (values (n, kb), cols in the block (n, kb), count (n,), missed (n,), start)."""
+    w, b, t, start, valid_from = get(j)
+    if kernel:
+      from dictlearn import cpu_select
+      pre = matmul(x, w, compute_dtype) + b.astype(jnp.float32)
+      v, i, c = cpu_select.select_active(pre, t, kb)
+      return v, i, c, c > kb, start
+    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    v, i, missed = _block_candidates(pre, act, kb)
+    return v, i, act.sum(-1, dtype=jnp.int32), missed, start
+
   if nb == 1:
     # One block (few tokens): select straight into k slots, no merging.
-    w, b, t, start, valid_from = get(0)
-    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
-    count = act.sum(-1, dtype=jnp.int32)
     kk = min(k, width)
-    v, i, missed = _block_candidates(pre, act, kk)
+    v, i, count, missed, _ = candidates(0, kk)
     keep = lax.iota(jnp.int32, kk)[None, :] < count[:, None]
     v = jnp.where(keep, v, 0.0)
     i = jnp.where(keep, i, 0)
@@ -274,10 +296,7 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
 
   def body(carry, j):
     buf_v, buf_i, fill, count, lost = carry
-    w, b, t, start, valid_from = get(j)
-    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
-    c = act.sum(-1, dtype=jnp.int32)
-    v, i, missed = _block_candidates(pre, act, block_k)
+    v, i, c, missed, start = candidates(j, block_k)
     lost = lost | missed | (fill + c > k)
     buf_v, buf_i, fill = _append(buf_v, buf_i, fill, v, i + start, jnp.minimum(c, block_k), k)
     return (buf_v, buf_i, fill, count + c, lost), None

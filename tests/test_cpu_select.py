@@ -1,0 +1,100 @@
+"""The CPU compaction kernel (dictlearn.cpu_select) against numpy and the top_k path."""
+
+import shutil
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dictlearn import cpu_select, sparse
+from sparse_helpers import inputs, make_dictionary
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernel")
+
+
+def _needs_kernel():
+  if not cpu_select.available():
+    if shutil.which("c++") or shutil.which("g++"):
+      pytest.fail("a C++ compiler is here but the CPU selection kernel did not build")
+    pytest.skip("no C++ compiler: the XLA path is used (tested by test_sparse)")
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.sampled_from([1, 3, 17]), b=st.sampled_from([1, 15, 16, 33, 200]),
+       kb=st.sampled_from([1, 4, 64]), density=st.sampled_from([0.0, 0.02, 0.5, 1.0]),
+       seed=st.integers(0, 2**16))
+def test_kernel_equals_numpy_compaction(n, b, kb, density, seed):
+  _needs_kernel()
+  rng = np.random.default_rng(seed)
+  thr = rng.normal(size=b).astype(np.float32)
+  pre = np.where(rng.random((n, b)) < density, thr + rng.random((n, b)).astype(np.float32) + 1e-3,
+                 thr - rng.random((n, b)).astype(np.float32)).astype(np.float32)
+  # Edge values: exactly at the threshold is inactive, NaN is inactive, +inf is active.
+  pre[0, 0] = thr[0]
+  if b > 2:
+    pre[0, 1], pre[0, 2] = np.nan, np.inf
+  v, c, count = jax.jit(cpu_select.select_active, static_argnums=2)(pre, thr, kb)
+  act = pre > thr
+  np.testing.assert_array_equal(count, act.sum(-1))
+  for r in range(n):
+    cols = np.nonzero(act[r])[0][:kb]
+    m = len(cols)
+    np.testing.assert_array_equal(np.asarray(c[r, :m]), cols)
+    np.testing.assert_array_equal(np.asarray(v[r, :m]), pre[r, cols])
+    assert not np.asarray(v[r, m:]).any() and not np.asarray(c[r, m:]).any()
+
+
+REGIMES = {"empty": 50.0, "sparse": 2.0, "busy": 0.7, "dense": -3.0}
+
+
+@settings(max_examples=12, deadline=None)
+@given(regime=st.sampled_from(sorted(REGIMES)), n=st.sampled_from([1, 9]),
+       width=st.sampled_from([64, 1024]), bw=st.sampled_from([16, 64, 1024]),
+       bk=st.sampled_from([2, 8]), k=st.sampled_from([4, 40]),
+       dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 10_000))
+def test_kernel_and_top_k_selection_find_the_same_latents(regime, n, width, bw, bk, k,
+                                                          dtype, seed):
+  _needs_kernel()
+  bw = min(bw, width)
+  d = make_dictionary(seed, 12, width, dtype=dtype, threshold=REGIMES[regime])
+  x = inputs(seed, (n,), 12)
+
+  def select(use_kernel):
+    orig = sparse._use_cpu_kernel
+    sparse._use_cpu_kernel = lambda *a: use_kernel
+    try:  # A fresh function: traced now, under the patch.
+      return jax.jit(lambda d, x: sparse._select_blocks(d, x, k, bw, bk, jnp.float32))(d, x)
+    finally:
+      sparse._use_cpu_kernel = orig
+
+  kv, ki, kfill, kcount, klost = select(True)
+  tv, ti, tfill, tcount, tlost = select(False)
+  for a, b in ((kfill, tfill), (kcount, tcount), (klost, tlost)):
+    np.testing.assert_array_equal(a, b)
+  for r in np.nonzero(~np.asarray(klost))[0]:  # Rows whose buffers hold every active latent.
+    m = int(kfill[r])
+    got = sorted(zip(np.asarray(ki[r, :m]).tolist(), np.asarray(kv[r, :m]).tolist()))
+    want = sorted(zip(np.asarray(ti[r, :m]).tolist(), np.asarray(tv[r, :m]).tolist()))
+    assert got == want
+
+
+def test_unavailable_kernel_warns_and_falls_back(monkeypatch):
+  def broken():
+    raise RuntimeError("no compiler in this test")
+  monkeypatch.setattr(cpu_select, "_build", broken)
+  cpu_select.available.cache_clear()
+  try:
+    with pytest.warns(UserWarning, match="using XLA's top_k"):
+      assert not cpu_select.available()
+    monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
+    cpu_select.available.cache_clear()
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      assert not cpu_select.available()  # Switched off on purpose: no warning.
+  finally:
+    monkeypatch.undo()
+    cpu_select.available.cache_clear()
