@@ -203,10 +203,11 @@ def matmul(x: Array, w: Array, compute_dtype=jnp.float32) -> Array:
 _CPU_BF16_WARN_BYTES = 64 << 20
 
 
-def check_input(d: Dictionary, x: Array, what: str = "x") -> None:
+def check_input(d: Dictionary, x: Array, what: str = "x", *, bf16_ok: bool = False) -> None:
   """Raises a clear ValueError when x's last axis is not the dictionary's d_in.
 
-  Also warns (once per call site) when big bfloat16 weights are used on CPU.
+  Also warns (once per call site) when big bfloat16 weights are used on CPU, unless the
+  caller reads them without XLA's conversion (``bf16_ok``: encode_decode's CPU kernels).
   """
   if x.ndim == 0 or x.shape[-1] != d.d_in:
     where = f" (site {d.meta.site}({d.meta.layer}))" if d.meta.site else ""
@@ -214,12 +215,13 @@ def check_input(d: Dictionary, x: Array, what: str = "x") -> None:
         f"{type(d).__name__}{where} expects {what} with last axis d_in={d.d_in} but got "
         f"shape {tuple(x.shape)}")
   w = d.w_enc
-  if (w.dtype == jnp.bfloat16 and 2 * w.size >= _CPU_BF16_WARN_BYTES
+  if (not bf16_ok and w.dtype == jnp.bfloat16 and 2 * w.size >= _CPU_BF16_WARN_BYTES
       and jax.default_backend() == "cpu"):
     warnings.warn(
         "bfloat16 dictionary weights on CPU: XLA:CPU converts them to float32 inside every "
         "call (much slower, and a float32 copy in memory). Convert once with "
-        "d = d.astype(jnp.float32), or run on GPU/TPU where bf16 is the fast path.",
+        "d = d.astype(jnp.float32), use dictlearn.encode_decode (it reads bf16 blocks "
+        "directly on CPU), or run on GPU/TPU where bf16 is the fast path.",
         stacklevel=3)
 
 

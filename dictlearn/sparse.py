@@ -6,7 +6,7 @@ decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
 
 1. scans over blocks of ``block_width`` columns of w_enc; each block's pre-activations
    (tokens x block_width) are thresholded and up to ``block_k`` of its active latents per
-   row (compacted by a small C++ kernel on CPU, ``cpu_select``; the top ``block_k`` by
+   row (compacted by a small C++ kernel on CPU, ``cpu_kernels``; the top ``block_k`` by
    value with ``lax.top_k`` elsewhere) are appended to a running buffer of ``k`` slots,
    so only one block of the latent matrix ever exists (a block spans the whole width only
    while n * width * 4 bytes fits a small budget, e.g. at one token: ``plan_blocks``);
@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from dictlearn import cpu_kernels
 from dictlearn.dictionary import Dictionary, check_input, check_skip_input, matmul
 
 Array = jax.Array
@@ -122,7 +123,8 @@ def _largest_divisor_at_most(width: int, cap: int) -> int:
 
 
 def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None = None,
-                block_k: int | None = None, backend: str | None = None) -> tuple[int, int]:
+                block_k: int | None = None, backend: str | None = None,
+                widen: bool = False) -> tuple[int, int]:
   """Chooses (block_width, block_k) for n tokens: a static, per-shape decision.
 
   block_width: the whole width when the (n, width) float32 pre-activations fit the
@@ -131,11 +133,13 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   divisor uses blocks that overlap at the end (see ``_block_fn``).
   block_k: how many active latents one row may have in one block before it spills; a
   generous multiple of the share of k that block should see on average.
+  widen: bf16 weights read through ``cpu_kernels`` (CPU): always blocks, since one block
+  would widen all of w_enc into a float32 copy.
   """
   backend = backend or _backend()
   if block_width is None:
     cpu = backend == "cpu"
-    if 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
+    if not widen and 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
       block_width = width  # One block: no weight slices at all (the common 1-token case).
     else:
       if cpu:
@@ -157,8 +161,12 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
 # ---------------------------------------------------------------------- block machinery
 
 
-def _block_fn(w_enc: Array, b_enc: Array, threshold: Array, block_width: int):
+def _block_fn(w_enc: Array, b_enc: Array, threshold: Array, block_width: int,
+              widen: bool = False):
   """Returns (num_blocks, get): get(j) -> (w (d_in, B), b (B,), t (B,), start, valid_from).
+
+  ``widen`` (bf16 weights on CPU): each block of w_enc comes from
+  ``cpu_kernels.widen_columns`` as float32, and XLA never converts the whole array.
 
   When B divides the width the weights are viewed as (d_in, nb, B) and indexed: a free
   reshape, and XLA slices each block straight from the stored array. Otherwise the last
@@ -168,6 +176,16 @@ def _block_fn(w_enc: Array, b_enc: Array, threshold: Array, block_width: int):
   """
   d_in, width = w_enc.shape
   bw = block_width
+  if widen:
+    nb = -(-width // bw)
+
+    def get(j):
+      start = jnp.minimum(j * bw, width - bw)
+      return (cpu_kernels.widen_columns(w_enc, start, bw),
+              lax.dynamic_slice_in_dim(b_enc, start, bw, 0),
+              lax.dynamic_slice_in_dim(threshold, start, bw, 0), start,
+              None if width % bw == 0 else j * bw)
+    return nb, get
   if width % bw == 0:
     nb = width // bw
     w3 = w_enc.reshape(d_in, nb, bw)
@@ -247,35 +265,38 @@ def _block_candidates(pre: Array, act: Array, kb: int):
   return v, col.astype(jnp.int32), (c > kb) | (groups > kb)
 
 
+def _is_cpu(cpu: bool | None) -> bool:
+  """The CPU kernels apply to CPU targets; None: the default backend decides."""
+  return _backend() == "cpu" if cpu is None else cpu
+
+
 def _use_cpu_kernel(width: int, block_width: int) -> bool:
-  """Compaction by ``cpu_select`` (CPU, kernel built, blocks that tile the width)."""
-  if _backend() != "cpu" or width % block_width:
-    return False
-  from dictlearn import cpu_select
-  return cpu_select.available()
+  """Compaction by ``cpu_kernels`` (kernels built, blocks that tile the width)."""
+  return width % block_width == 0 and cpu_kernels.available()
 
 
 def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: int,
-                   compute_dtype):
+                   compute_dtype, cpu: bool | None = None):
   """The fused sparse encoder: (values, indices, fill, count, lost), all per row.
 
   ``lost`` marks rows whose buffer misses an active latent (count > k, or a block with
   more than block_k): exactly the rows the spill pass must redo. On CPU each block's
-  actives are compacted by the ``cpu_select`` kernel (column order), elsewhere picked
+  actives are compacted by the ``cpu_kernels`` kernel (column order), elsewhere picked
   by ``_block_candidates`` (value order); codes are in no particular order either way.
   """
   n = x.shape[0]
   width = d.width
-  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width)
-  kernel = _use_cpu_kernel(width, block_width)
+  cpu = _is_cpu(cpu)
+  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
+                      widen=cpu and cpu_kernels.widens(d.w_enc))
+  kernel = cpu and _use_cpu_kernel(width, block_width)
 
   def candidates(j, kb):
     """Block j: (values (n, kb), cols in the block (n, kb), count (n,), missed (n,), start)."""
     w, b, t, start, valid_from = get(j)
     if kernel:
-      from dictlearn import cpu_select
       pre = matmul(x, w, compute_dtype) + b.astype(jnp.float32)
-      v, i, c = cpu_select.select_active(pre, t, kb)
+      v, i, c = cpu_kernels.select_active(pre, t, kb)
       return v, i, c, c > kb, start
     pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
     v, i, missed = _block_candidates(pre, act, kb)
@@ -311,7 +332,7 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
 
 
 def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | None,
-                  compute_dtype) -> Array:
+                  compute_dtype, cpu: bool | None = None) -> Array:
   """sum_j values[:, j] * w_dec[indices[:, j]] over the filled slots: (n, d_out) f32.
 
   Slots are taken ``chunk`` at a time ((n, chunk, d_out) gathered rows within the
@@ -334,8 +355,12 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
     chunk = _GPU_DECODE_BYTES // row_bytes
   chunk = int(max(1, min(k, chunk)))
 
+  widen = _is_cpu(cpu) and cpu_kernels.widens(w_dec)
+
   def part(v, i):  # v, i: (n, c)
-    rows = jnp.take(w_dec, i, axis=0, mode="clip").astype(cd).astype(jnp.float32)
+    rows = (cpu_kernels.gather_rows(w_dec, i) if widen
+            else jnp.take(w_dec, i, axis=0, mode="clip"))
+    rows = rows.astype(cd).astype(jnp.float32)
     return jnp.einsum("nc,ncd->nd", v, rows, precision=lax.Precision.HIGHEST)
 
   if chunk >= k:
@@ -365,7 +390,7 @@ def _bias_and_skip(d: Dictionary, x: Array, y: Array, compute_dtype) -> Array:
 
 
 def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype,
-                with_y: bool):
+                with_y: bool, cpu: bool):
   """Exact blocked dense pass for a few rows: (y_partial (R, d_out) | None, v, i).
 
   y_partial excludes b_dec and the skip term. Codes are the row's k largest activations
@@ -373,11 +398,16 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
   """
   r = x.shape[0]
   width = d.width
-  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width)
+  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
+                      widen=cpu and cpu_kernels.widens(d.w_enc))
   kb = min(k, block_width)
-  dec3 = d.w_dec.reshape(nb, block_width, -1) if width % block_width == 0 else None
+  widen = cpu and cpu_kernels.widens(d.w_dec)
+  dec3 = (d.w_dec.reshape(nb, block_width, -1)
+          if width % block_width == 0 and not widen else None)
 
   def dec_block(j, start):
+    if widen:
+      return cpu_kernels.widen_rows(d.w_dec, start, block_width)
     if dec3 is not None:
       return lax.dynamic_index_in_dim(dec3, j, 0, keepdims=False)
     return lax.dynamic_slice_in_dim(d.w_dec, start, block_width, 0)
@@ -404,7 +434,8 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
 
 
 def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: Array,
-           k: int, block_width: int, spill_rows: int, compute_dtype):
+           k: int, block_width: int, spill_rows: int, compute_dtype,
+           cpu: bool | None = None):
   """Redoes the rows flagged in ``need`` exactly, spill_rows at a time.
 
   The trip count is ceil(sum(need) / spill_rows): zero when nothing overflowed. Flagged
@@ -419,6 +450,7 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
   groups = -(-n // r)
   order = jnp.pad(order, (0, groups * r - n), constant_values=n)
   with_y = y is not None
+  cpu = _is_cpu(cpu)
 
   def body(g, carry):
     y, v, i = carry
@@ -428,7 +460,7 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
     # Tie the rows to the step: with one token the gather folds away, the dense pass looks
     # loop-invariant, and XLA would hoist it out of the loop and run it even at 0 steps.
     xr, _ = lax.optimization_barrier((xr, g))
-    yr, vr, ir = _dense_rows(d, xr, k, block_width, compute_dtype, with_y)
+    yr, vr, ir = _dense_rows(d, xr, k, block_width, compute_dtype, with_y, cpu)
     v = v.at[rows].set(vr, mode="drop")
     i = i.at[rows].set(ir, mode="drop")
     if with_y:
@@ -460,7 +492,9 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
   n = x2.shape[0]
   cd = jnp.dtype(compute_dtype)
   backend = "gpu" if impl == "pallas" else _backend()
-  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend)
+  cpu = backend == "cpu"
+  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend,
+                       widen=cpu and cpu_kernels.widens(d.w_enc))
   selected = None
   if impl in ("pallas", "pallas_interpret"):
     from dictlearn import pallas_encode
@@ -468,13 +502,13 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
                                     interpret=impl == "pallas_interpret",
                                     **dict(kernel or ()))
   if selected is None:  # XLA path, or shapes the kernel does not take.
-    selected = _select_blocks(d, x2, k, bw, bk, cd)
+    selected = _select_blocks(d, x2, k, bw, bk, cd, cpu)
   v, i, fill, count, lost = selected
   y = None
   if with_y:
-    y = _decode_codes(d.w_dec, v, i, fill, cd)
+    y = _decode_codes(d.w_dec, v, i, fill, cd, cpu)
   sr = spill_rows or _auto_spill_rows(n)
-  y, v, i = _spill(d, x2, lost, y, v, i, k, bw, min(sr, n), cd)
+  y, v, i = _spill(d, x2, lost, y, v, i, k, bw, min(sr, n), cd, cpu)
   if with_y:
     y = _bias_and_skip(d, x2, y, cd)
   codes = SparseCodes(values=v, indices=i, count=count, overflow=count > k)
@@ -528,7 +562,7 @@ _run_jit_donate = jax.jit(_run, static_argnames=_STATIC, donate_argnames=("x",))
 
 
 def _check(d: Dictionary, x: Array, k: int):
-  check_input(d, x)
+  check_input(d, x, bf16_ok=_backend() == "cpu" and cpu_kernels.widens(d.w_enc))
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
 

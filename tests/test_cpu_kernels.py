@@ -1,4 +1,4 @@
-"""The CPU compaction kernel (dictlearn.cpu_select) against numpy and the top_k path."""
+"""The CPU kernels (dictlearn.cpu_kernels) against numpy and the XLA paths they replace."""
 
 import shutil
 import warnings
@@ -10,16 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dictlearn import cpu_select, sparse
+import dictlearn as dl
+from dictlearn import cpu_kernels, sparse
 from sparse_helpers import inputs, make_dictionary
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernel")
 
 
 def _needs_kernel():
-  if not cpu_select.available():
+  if not cpu_kernels.available():
     if shutil.which("c++") or shutil.which("g++"):
-      pytest.fail("a C++ compiler is here but the CPU selection kernel did not build")
+      pytest.fail("a C++ compiler is here but the CPU kernels did not build")
     pytest.skip("no C++ compiler: the XLA path is used (tested by test_sparse)")
 
 
@@ -37,7 +38,7 @@ def test_kernel_equals_numpy_compaction(n, b, kb, density, seed):
   pre[0, 0] = thr[0]
   if b > 2:
     pre[0, 1], pre[0, 2] = np.nan, np.inf
-  v, c, count = jax.jit(cpu_select.select_active, static_argnums=2)(pre, thr, kb)
+  v, c, count = jax.jit(cpu_kernels.select_active, static_argnums=2)(pre, thr, kb)
   act = pre > thr
   np.testing.assert_array_equal(count, act.sum(-1))
   for r in range(n):
@@ -82,19 +83,61 @@ def test_kernel_and_top_k_selection_find_the_same_latents(regime, n, width, bw, 
     assert got == want
 
 
+@settings(max_examples=20, deadline=None)
+@given(r=st.sampled_from([1, 5, 64]), c=st.sampled_from([1, 7, 300]),
+       frac=st.floats(0.0, 1.0), start=st.integers(-5, 400), seed=st.integers(0, 2**16))
+def test_widening_kernels_equal_numpy_slices(r, c, frac, start, seed):
+  _needs_kernel()
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(rng.normal(size=(r, c)) * 10.0 ** rng.integers(-30, 30, (r, c)),
+                  jnp.bfloat16)
+  wf = np.asarray(w.astype(jnp.float32))
+  b = max(1, int(frac * c))
+  s = min(max(start, 0), c - b)  # Starts clamp like lax.dynamic_slice.
+  np.testing.assert_array_equal(cpu_kernels.widen_columns(w, start, b), wf[:, s:s + b])
+  rb = max(1, int(frac * r))
+  s = min(max(start, 0), r - rb)
+  np.testing.assert_array_equal(cpu_kernels.widen_rows(w, start, rb), wf[s:s + rb])
+  idx = rng.integers(-3, r + 3, (2, 3)).astype(np.int32)
+  np.testing.assert_array_equal(cpu_kernels.gather_rows(w, jnp.asarray(idx)),
+                                wf[np.clip(idx, 0, r - 1)])
+
+
+@settings(max_examples=8, deadline=None)
+@given(regime=st.sampled_from(sorted(REGIMES)), kind=st.sampled_from(["sae", "affine"]),
+       dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 10_000))
+def test_xla_path_without_kernels_equals_forward(regime, kind, dtype, seed):
+  # The path GPUs and TPUs take, and CPUs without a compiler: no custom calls at all.
+  d = make_dictionary(seed, 12, 256, kind=kind, dtype=dtype, threshold=REGIMES[regime])
+  x = inputs(seed, (9,), 12)
+  orig = sparse._use_cpu_kernel, cpu_kernels.widens
+  sparse._use_cpu_kernel, cpu_kernels.widens = (lambda *a: False), (lambda w: False)
+  try:
+    fn = jax.jit(lambda d, x: sparse._run(
+        d, x, k=8, block_width=64, block_k=4, spill_rows=3, compute_dtype="float32",
+        impl="xla", with_y=True))
+    assert "custom_call" not in fn.lower(d, x).as_text()
+    y, codes = fn(d, x)
+  finally:
+    sparse._use_cpu_kernel, cpu_kernels.widens = orig
+  want = jax.jit(dl.forward)(d, x)
+  np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
+  np.testing.assert_array_equal(codes.count, (dl.encode(d, x) != 0).sum(-1))
+
+
 def test_unavailable_kernel_warns_and_falls_back(monkeypatch):
   def broken():
     raise RuntimeError("no compiler in this test")
-  monkeypatch.setattr(cpu_select, "_build", broken)
-  cpu_select.available.cache_clear()
+  monkeypatch.setattr(cpu_kernels, "_build", broken)
+  cpu_kernels.available.cache_clear()
   try:
-    with pytest.warns(UserWarning, match="using XLA's top_k"):
-      assert not cpu_select.available()
+    with pytest.warns(UserWarning, match="using XLA ops instead"):
+      assert not cpu_kernels.available()
     monkeypatch.setenv("DICTLEARN_CPU_KERNELS", "0")
-    cpu_select.available.cache_clear()
+    cpu_kernels.available.cache_clear()
     with warnings.catch_warnings():
       warnings.simplefilter("error")
-      assert not cpu_select.available()  # Switched off on purpose: no warning.
+      assert not cpu_kernels.available()  # Switched off on purpose: no warning.
   finally:
     monkeypatch.undo()
-    cpu_select.available.cache_clear()
+    cpu_kernels.available.cache_clear()
