@@ -132,8 +132,7 @@ def _local_encode_decode(d, x, *, k, width_axis, compute_dtype, block_width, blo
   local_width = d.width
   offset = lax.axis_index(width_axis) * local_width
   bw, bk = _sparse.plan_blocks(n, d.d_in, local_width, k, block_width, block_k,
-                               widen=(jax.default_backend() == "cpu"
-                                      and _sparse.cpu_kernels.widens(d.w_enc)))
+                               widen=_sparse._widens(d.w_enc))
   v, i, fill, count, lost = _sparse._select_blocks(d, x, k, bw, bk, cd)
   y = _sparse._decode_codes(d.w_dec, v, i, fill, cd) if with_y else None
   sr = min(spill_rows or _sparse._auto_spill_rows(n), n)

@@ -67,6 +67,8 @@ _GPU_BLOCK_BYTES = 128 << 20
 
 def _cpu_weight_bytes(n: int) -> int:
   return min(16 << 20, (5 << 20) * (1 + n // 256))
+
+
 # Decode gathers (n, slots, d_out) rows of w_dec at a time. On CPU one slot a step (a
 # fused gather-multiply-add) beats batched chunks once n is more than a few tokens
 # (measured 1.6x at 128 tokens); on GPU each loop step is a few kernel launches.
@@ -241,8 +243,8 @@ def _block_candidates(pre: Array, act: Array, kb: int):
   """Up to kb active latents per row of one block: (values (n, kb), cols (n, kb), missed).
 
   Actives come first (by value), inactive slots follow with value -inf. ``missed`` (n,)
-  flags rows with an active latent left out. XLA:CPU's top_k costs ~2 ns per element
-  (5-10% of the block's matmul at d_in 640-1152). Very wide blocks (the one-block, few
+  flags rows with an active latent left out. The path without ``cpu_kernels`` (GPU, TPU,
+  CPU without a compiler); XLA:CPU's top_k costs ~3 ns per element. Very wide blocks (the one-block, few
   token case) are cut into groups of 16 columns: a vectorised max per group, top_k over
   the group maxima picks the kb groups holding actives, and a top_k over those kb * 16
   values picks the latents; exact whenever a row has at most kb active groups (else
@@ -270,9 +272,14 @@ def _is_cpu(cpu: bool | None) -> bool:
   return _backend() == "cpu" if cpu is None else cpu
 
 
-def _use_cpu_kernel(width: int, block_width: int) -> bool:
-  """Compaction by ``cpu_kernels`` (kernels built, blocks that tile the width)."""
-  return width % block_width == 0 and cpu_kernels.available()
+def _use_cpu_kernel(width: int, block_width: int, cpu: bool | None = None) -> bool:
+  """Compaction by ``cpu_kernels`` (a CPU target, kernels built, blocks tile the width)."""
+  return _is_cpu(cpu) and width % block_width == 0 and cpu_kernels.available()
+
+
+def _widens(w: Array, cpu: bool | None = None) -> bool:
+  """Reads of w go through ``cpu_kernels``' widening (bf16 w, a CPU target, kernels built)."""
+  return _is_cpu(cpu) and cpu_kernels.widens(w)
 
 
 def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: int,
@@ -286,10 +293,9 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
   """
   n = x.shape[0]
   width = d.width
-  cpu = _is_cpu(cpu)
   nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
-                      widen=cpu and cpu_kernels.widens(d.w_enc))
-  kernel = cpu and _use_cpu_kernel(width, block_width)
+                      widen=_widens(d.w_enc, cpu))
+  kernel = _use_cpu_kernel(width, block_width, cpu)
 
   def candidates(j, kb):
     """Block j: (values (n, kb), cols in the block (n, kb), count (n,), missed (n,), start)."""
@@ -355,7 +361,7 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
     chunk = _GPU_DECODE_BYTES // row_bytes
   chunk = int(max(1, min(k, chunk)))
 
-  widen = _is_cpu(cpu) and cpu_kernels.widens(w_dec)
+  widen = _widens(w_dec, cpu)
 
   def part(v, i):  # v, i: (n, c)
     rows = (cpu_kernels.gather_rows(w_dec, i) if widen
@@ -390,7 +396,7 @@ def _bias_and_skip(d: Dictionary, x: Array, y: Array, compute_dtype) -> Array:
 
 
 def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype,
-                with_y: bool, cpu: bool):
+                with_y: bool, cpu: bool | None):
   """Exact blocked dense pass for a few rows: (y_partial (R, d_out) | None, v, i).
 
   y_partial excludes b_dec and the skip term. Codes are the row's k largest activations
@@ -399,9 +405,9 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
   r = x.shape[0]
   width = d.width
   nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
-                      widen=cpu and cpu_kernels.widens(d.w_enc))
+                      widen=_widens(d.w_enc, cpu))
   kb = min(k, block_width)
-  widen = cpu and cpu_kernels.widens(d.w_dec)
+  widen = _widens(d.w_dec, cpu)
   dec3 = (d.w_dec.reshape(nb, block_width, -1)
           if width % block_width == 0 and not widen else None)
 
@@ -450,7 +456,6 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
   groups = -(-n // r)
   order = jnp.pad(order, (0, groups * r - n), constant_values=n)
   with_y = y is not None
-  cpu = _is_cpu(cpu)
 
   def body(g, carry):
     y, v, i = carry
@@ -494,7 +499,7 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
   backend = "gpu" if impl == "pallas" else _backend()
   cpu = backend == "cpu"
   bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend,
-                       widen=cpu and cpu_kernels.widens(d.w_enc))
+                       widen=_widens(d.w_enc, cpu))
   selected = None
   if impl in ("pallas", "pallas_interpret"):
     from dictlearn import pallas_encode
@@ -562,7 +567,7 @@ _run_jit_donate = jax.jit(_run, static_argnames=_STATIC, donate_argnames=("x",))
 
 
 def _check(d: Dictionary, x: Array, k: int):
-  check_input(d, x, bf16_ok=_backend() == "cpu" and cpu_kernels.widens(d.w_enc))
+  check_input(d, x, bf16_ok=_widens(d.w_enc))
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
 
