@@ -129,14 +129,12 @@ def _local_encode_decode(d, x, *, k, width_axis, compute_dtype, block_width, blo
   """Per-device body: this shard's latents, exact partial y, codes merged over shards."""
   n = x.shape[0]
   cd = jnp.dtype(compute_dtype)
-  local_width = d.width
-  offset = lax.axis_index(width_axis) * local_width
-  bw, bk = _sparse.plan_blocks(n, d.d_in, local_width, k, block_width, block_k,
-                               widen=_sparse._widens(d.w_enc))
+  offset = lax.axis_index(width_axis) * d.width  # d is this device's shard.
+  bw, bk, sr, spill_bw = _sparse._plan(d, n, k, block_width, block_k, spill_rows,
+                                        _sparse._backend())
   v, i, fill, count, lost = _sparse._select_blocks(d, x, k, bw, bk, cd)
   y = _sparse._decode_codes(d.w_dec, v, i, fill, cd) if with_y else None
-  sr = min(spill_rows or _sparse._auto_spill_rows(n), n)
-  y, v, i = _sparse._spill(d, x, lost, y, v, i, k, bw, sr, cd)
+  y, v, i = _sparse._spill(d, x, lost, y, v, i, k, spill_bw, sr, cd)
   # After the spill every shard holds all its actives, or (local overflow) its k largest.
   fill = jnp.minimum(count, k)
   valid = lax.iota(jnp.int32, k)[None, :] < fill[:, None]

@@ -135,17 +135,22 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   divisor uses blocks that overlap at the end (see ``_block_fn``).
   block_k: how many active latents one row may have in one block before it spills; a
   generous multiple of the share of k that block should see on average.
-  widen: bf16 weights read through ``cpu_kernels`` (CPU): always blocks, since one block
-  would widen all of w_enc into a float32 copy.
+  widen: bf16 weights read through ``cpu_kernels`` (CPU). Up to MATMUL_BF16_ROWS tokens
+  ``matmul_bf16`` reads w_enc in place (planned like float32); more tokens widen each
+  block into a float32 copy, so there is always more than one block.
   """
   backend = backend or _backend()
   if block_width is None:
     cpu = backend == "cpu"
-    if not widen and 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
+    in_place = widen and _fused_rows(n)  # matmul_bf16 reads w_enc blocks without a copy.
+    copies = widen and not in_place      # Each block widened into a float32 copy.
+    if not copies and 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
       block_width = width  # One block: no weight slices at all (the common 1-token case).
     else:
       if cpu:
-        cap = min(_CPU_PRE_BYTES // (4 * n), _cpu_weight_bytes(n) // (4 * d_in))
+        cap = _CPU_PRE_BYTES // (4 * n)
+        if not in_place:
+          cap = min(cap, _cpu_weight_bytes(n) // (4 * d_in))
       else:
         cap = _GPU_BLOCK_BYTES // (4 * n)
       cap = 1 << int(math.log2(max(128, cap)))
@@ -160,64 +165,85 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   return block_width, block_k
 
 
+def _fused_rows(n: int) -> bool:
+  """Few enough rows for ``cpu_kernels.matmul_bf16`` (bf16 weights on CPU)."""
+  return n <= cpu_kernels.MATMUL_BF16_ROWS
+
+
+def _plan(d: Dictionary, n: int, k: int, block_width, block_k, spill_rows,
+          backend: str) -> tuple[int, int, int, int]:
+  """(block_width, block_k, spill_rows, spill_block_width) for n rows on ``backend``.
+
+  The spill pass widens its blocks of bf16 weights into float32 copies (``_dense_rows``),
+  so it gets its own, copy-sized blocks when the encoder reads w_enc in place.
+  """
+  widen = _widens(d.w_enc, backend == "cpu")
+  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, widen)
+  sr = int(min(spill_rows or _auto_spill_rows(n), n))
+  spill_bw = bw
+  if widen and _fused_rows(n) and block_width is None:
+    spill_bw = plan_blocks(cpu_kernels.MATMUL_BF16_ROWS + 1, d.d_in, d.width, k,
+                           backend=backend, widen=True)[0]
+  return bw, bk, sr, spill_bw
+
+
 # ---------------------------------------------------------------------- block machinery
 
 
-def _block_fn(w_enc: Array, b_enc: Array, threshold: Array, block_width: int,
-              widen: bool = False):
-  """Returns (num_blocks, get): get(j) -> (w (d_in, B), b (B,), t (B,), start, valid_from).
+def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
+              cpu: bool | None = None, fuse: bool = True):
+  """Returns (num_blocks, get): get(j) -> (pre (n, B) f32, t (B,), start, valid_from).
 
-  ``widen`` (bf16 weights on CPU): each block of w_enc comes from
-  ``cpu_kernels.widen_columns`` as float32, and XLA never converts the whole array.
-
-  When B divides the width the weights are viewed as (d_in, nb, B) and indexed: a free
-  reshape, and XLA slices each block straight from the stored array. Otherwise the last
-  block is clamped to end at the width and ``valid_from`` masks the columns that the
-  previous block already covered, so nothing is padded or copied up front (valid_from is
-  None when blocks do not overlap).
+  pre = x @ w_enc[:, block] + b_enc[block]. How the block of w_enc is read:
+  - float32 (or not on CPU): when B divides the width, w_enc is viewed as (d_in, nb, B)
+    and indexed, a free reshape from which XLA slices each block; otherwise the last
+    block is clamped to end at the width and ``valid_from`` masks the columns that the
+    previous block already covered (valid_from is None when blocks do not overlap).
+  - bf16 on CPU (``_widens``), up to MATMUL_BF16_ROWS rows and ``fuse``:
+    ``cpu_kernels.matmul_bf16`` reads the bf16 block in place.
+  - bf16 on CPU, more rows: ``cpu_kernels.widen_columns`` makes a float32 copy of the
+    block for XLA's dot. Either way XLA never converts the whole array.
   """
+  w_enc, b_enc, threshold = d.w_enc, d.b_enc, d.threshold
+  n = x.shape[0]
   d_in, width = w_enc.shape
   bw = block_width
-  if widen:
-    nb = -(-width // bw)
-
+  nb = -(-width // bw)
+  widen = _widens(w_enc, cpu)
+  if widen or width % bw:
     def get(j):
       start = jnp.minimum(j * bw, width - bw)
-      return (cpu_kernels.widen_columns(w_enc, start, bw),
-              lax.dynamic_slice_in_dim(b_enc, start, bw, 0),
-              lax.dynamic_slice_in_dim(threshold, start, bw, 0), start,
+      if widen and fuse and _fused_rows(n):  # x rounded to compute_dtype, as matmul does.
+        xr = x.astype(compute_dtype).astype(jnp.float32)
+        pre = cpu_kernels.matmul_bf16(xr, w_enc, start, bw)
+      else:
+        w = (cpu_kernels.widen_columns(w_enc, start, bw) if widen
+             else lax.dynamic_slice_in_dim(w_enc, start, bw, 1))
+        pre = matmul(x, w, compute_dtype)
+      pre = pre + lax.dynamic_slice_in_dim(b_enc, start, bw, 0).astype(jnp.float32)
+      return (pre, lax.dynamic_slice_in_dim(threshold, start, bw, 0), start,
               None if width % bw == 0 else j * bw)
     return nb, get
-  if width % bw == 0:
-    nb = width // bw
-    w3 = w_enc.reshape(d_in, nb, bw)
-    b2 = b_enc.reshape(nb, bw)
-    t2 = threshold.reshape(nb, bw)
 
-    def get(j):
-      return (lax.dynamic_index_in_dim(w3, j, 1, keepdims=False),
-              lax.dynamic_index_in_dim(b2, j, 0, keepdims=False),
-              lax.dynamic_index_in_dim(t2, j, 0, keepdims=False), j * bw, None)
-    return nb, get
-
-  nb = -(-width // bw)
+  w3 = w_enc.reshape(d_in, nb, bw)
+  b2 = b_enc.reshape(nb, bw)
+  t2 = threshold.reshape(nb, bw)
 
   def get(j):
-    start = jnp.minimum(j * bw, width - bw)
-    return (lax.dynamic_slice_in_dim(w_enc, start, bw, 1),
-            lax.dynamic_slice_in_dim(b_enc, start, bw, 0),
-            lax.dynamic_slice_in_dim(threshold, start, bw, 0), start, j * bw)
+    w = lax.dynamic_index_in_dim(w3, j, 1, keepdims=False)
+    pre = matmul(x, w, compute_dtype) + lax.dynamic_index_in_dim(b2, j, 0, keepdims=False
+                                                                 ).astype(jnp.float32)
+    return pre, lax.dynamic_index_in_dim(t2, j, 0, keepdims=False), j * bw, None
   return nb, get
 
 
-def _block_pre(x, w, b, t, start, valid_from, compute_dtype):
-  """Block pre-activations (n, B) f32 and the active mask (n, B) bool."""
-  pre = matmul(x, w, compute_dtype) + b.astype(jnp.float32)
+def _active(pre, t, start, valid_from):
+  """The active mask (n, B) bool of a block's pre-activations."""
   act = pre > t.astype(jnp.float32)
   if valid_from is not None:  # Overlapping last block: columns already seen are not new.
-    col = start + lax.iota(jnp.int32, w.shape[1])
+    col = start + lax.iota(jnp.int32, pre.shape[1])
     act = act & (col >= valid_from)[None, :]
-  return pre, act
+  return act
 
 
 def _append(buf_v, buf_i, fill, v, i, c, k):
@@ -293,18 +319,16 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
   """
   n = x.shape[0]
   width = d.width
-  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
-                      widen=_widens(d.w_enc, cpu))
+  nb, get = _block_fn(d, x, block_width, compute_dtype, cpu)
   kernel = _use_cpu_kernel(width, block_width, cpu)
 
   def candidates(j, kb):
     """Block j: (values (n, kb), cols in the block (n, kb), count (n,), missed (n,), start)."""
-    w, b, t, start, valid_from = get(j)
+    pre, t, start, valid_from = get(j)
     if kernel:
-      pre = matmul(x, w, compute_dtype) + b.astype(jnp.float32)
       v, i, c = cpu_kernels.select_active(pre, t, kb)
       return v, i, c, c > kb, start
-    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    act = _active(pre, t, start, valid_from)
     v, i, missed = _block_candidates(pre, act, kb)
     return v, i, act.sum(-1, dtype=jnp.int32), missed, start
 
@@ -404,8 +428,8 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
   """
   r = x.shape[0]
   width = d.width
-  nb, get = _block_fn(d.w_enc, d.b_enc, d.threshold, block_width,
-                      widen=_widens(d.w_enc, cpu))
+  # Copied blocks (fuse=False): the spill's blocks are sized for copies (see ``_plan``).
+  nb, get = _block_fn(d, x, block_width, compute_dtype, cpu, fuse=False)
   kb = min(k, block_width)
   widen = _widens(d.w_dec, cpu)
   dec3 = (d.w_dec.reshape(nb, block_width, -1)
@@ -420,8 +444,8 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
 
   def body(carry, j):
     y, buf_v, buf_i = carry
-    w, b, t, start, valid_from = get(j)
-    pre, act = _block_pre(x, w, b, t, start, valid_from, compute_dtype)
+    pre, t, start, valid_from = get(j)
+    act = _active(pre, t, start, valid_from)
     if with_y:
       f = jnp.where(act, pre, 0.0)
       y = y + matmul(f, dec_block(j, start), compute_dtype)
@@ -498,8 +522,7 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
   cd = jnp.dtype(compute_dtype)
   backend = "gpu" if impl == "pallas" else _backend()
   cpu = backend == "cpu"
-  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend,
-                       widen=_widens(d.w_enc, cpu))
+  bw, bk, sr, spill_bw = _plan(d, n, k, block_width, block_k, spill_rows, backend)
   selected = None
   if impl in ("pallas", "pallas_interpret"):
     from dictlearn import pallas_encode
@@ -512,8 +535,7 @@ def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
   y = None
   if with_y:
     y = _decode_codes(d.w_dec, v, i, fill, cd, cpu)
-  sr = spill_rows or _auto_spill_rows(n)
-  y, v, i = _spill(d, x2, lost, y, v, i, k, bw, min(sr, n), cd, cpu)
+  y, v, i = _spill(d, x2, lost, y, v, i, k, spill_bw, sr, cd, cpu)
   if with_y:
     y = _bias_and_skip(d, x2, y, cd)
   codes = SparseCodes(values=v, indices=i, count=count, overflow=count > k)

@@ -1,5 +1,7 @@
 """The CPU kernels (dictlearn.cpu_kernels) against numpy and the XLA paths they replace."""
 
+import ctypes
+import functools
 import shutil
 import warnings
 
@@ -12,7 +14,7 @@ from hypothesis import strategies as st
 
 import dictlearn as dl
 from dictlearn import cpu_kernels, sparse
-from sparse_helpers import inputs, make_dictionary
+from sparse_helpers import assert_close, inputs, make_dictionary
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernel")
 
@@ -101,6 +103,60 @@ def test_widening_kernels_equal_numpy_slices(r, c, frac, start, seed):
   idx = rng.integers(-3, r + 3, (2, 3)).astype(np.int32)
   np.testing.assert_array_equal(cpu_kernels.gather_rows(w, jnp.asarray(idx)),
                                 wf[np.clip(idx, 0, r - 1)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.sampled_from([1, 3, 8, 33]), r=st.sampled_from([1, 7, 8, 9, 40]),
+       c=st.sampled_from([1, 16, 17, 300, 20000]), frac=st.floats(0.0, 1.0),
+       start=st.integers(-5, 20_005), seed=st.integers(0, 2**16))
+def test_matmul_bf16_equals_numpy(n, r, c, frac, start, seed):
+  # Row counts around the 8-row blocks, column counts around the 16-column vectors, and
+  # 20000 columns: several tiles per thread at 8 and 33 rows.
+  _needs_kernel()
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, r)).astype(np.float32)
+  w = jnp.asarray(rng.normal(size=(r, c)), jnp.bfloat16)
+  b = max(1, int(frac * c))
+  s = min(max(start, 0), c - b)
+  wf = np.asarray(w.astype(jnp.float32), np.float64)[:, s:s + b]
+  want = x.astype(np.float64) @ wf
+  # float32 accumulation over r terms, in any order.
+  bound = 2 * r * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(wf)) + 1e-30
+  for target in ("dictlearn_matmul_bf16", _portable_matmul_target()):
+    got = np.asarray(jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n, b), jnp.float32))(
+        x, w, np.int32(start)))
+    assert np.all(np.abs(got - want) <= bound), target
+
+
+@functools.cache
+def _portable_matmul_target() -> str:
+  """matmul_bf16 built without the AVX2 path (what non-x86 CPUs run), registered for tests."""
+  lib = ctypes.cdll.LoadLibrary(str(cpu_kernels._build(("DICTLEARN_PORTABLE",))))
+  jax.ffi.register_ffi_target("test_matmul_bf16_portable",
+                              jax.ffi.pycapsule(lib.DictlearnMatmulBf16), platform="cpu")
+  return "test_matmul_bf16_portable"
+
+
+@pytest.mark.parametrize("n, fused", [(1, True), (cpu_kernels.MATMUL_BF16_ROWS, True),
+                                      (cpu_kernels.MATMUL_BF16_ROWS + 1, False)])
+def test_bf16_encoder_reads_weights_in_place_for_few_rows(n, fused):
+  # Few rows: matmul_bf16 over the whole width; more: widened float32 blocks. Both equal
+  # forward, overflowed rows included (their spill pass uses blocks sized for copies).
+  _needs_kernel()
+  d = make_dictionary(5, 128, 16384, kind="affine", dtype="bfloat16", threshold=3.5)
+  x = inputs(5, (n,), 128) * jnp.where(jnp.arange(n) % 3 == 0, 4.0, 1.0)[:, None]
+  fn = jax.jit(lambda d, x: dl.encode_decode(d, x, k=16))
+  hlo = fn.lower(d, x).as_text()
+  assert ("dictlearn_matmul_bf16" in hlo) == fused
+  assert "dictlearn_widen_columns" in hlo  # The spill pass widens copied blocks.
+  bw, _, _, spill_bw = sparse._plan(d, n, 16, None, None, None, "cpu")
+  assert bw == d.width or not fused  # 8 MiB of w_enc: one block only when read in place.
+  assert spill_bw < d.width and spill_bw * 4 * d.d_in <= sparse._cpu_weight_bytes(n)
+  y, codes = fn(d, x)
+  assert np.asarray(codes.overflow).any()
+  f32 = d.astype(jnp.float32)
+  assert_close(y, dl.forward(f32, x), 1e-5)
+  np.testing.assert_array_equal(codes.count, (dl.encode(f32, x) != 0).sum(-1))
 
 
 @settings(max_examples=8, deadline=None)
