@@ -1,15 +1,16 @@
 """Dictionary forward microbenchmark: encode matmul floor vs dense vs penzai vs encode_decode.
 
 For each row (d_in, width, tokens, weight dtype) every variant is compiled, warmed up and
-then timed round-robin in one process (so a busy machine slows them alike); the table
-gives median wall-clock times and their ratio to the floor, plus each variant's extra
-memory. Variants, all jitted, all taking the same float32 activations:
+then timed in one process, each as a block of back-to-back calls (``time_row`` says why
+not interleaved); the table gives median wall-clock times and their ratio to the floor,
+plus each variant's extra memory. Variants, all jitted, all taking the same float32
+activations:
 
   floor    ``x @ w_enc`` alone (``dictionary.matmul``): what any exact encoder must do.
   dense    ``dictionary.forward``: dense latents, dense decode.
   penzai   the Gemma Scope 2 tutorial's SAE built from penzai layers over named axes
            (Linear, AddBias, JumpReLU, Linear, AddBias), frozen params, jitted.
-  fused    ``dictlearn.encode_decode`` (k=128), the backend's default implementation;
+  fused    ``dictlearn.encode_decode`` (--k, default 256), the backend's default;
   fused-xla / fused-pallas on GPU, both implementations.
 
 Memory ("extra"): XLA's compiled memory analysis of each variant, temp + output bytes
@@ -147,7 +148,14 @@ def _extra_bytes(compiled) -> int | None:
 
 
 def time_row(variants, reps, max_call_s):
-  """Compiles, warms up, then times the variants round-robin; fills times/extra/error."""
+  """Compiles and warms up the variants, then times each as a block; fills times/extra/error.
+
+  Each variant's block is a pause, an untimed call, then ``reps`` back-to-back timed
+  calls: the steady state of a generation loop. Variants are not interleaved because
+  a call that builds a big temporary slows the calls after it for a while (after the
+  bf16 floor or penzai layers at 1152x65k, which make 288-576 MiB float32 copies, the
+  next ~40 ms of one-token fused calls ran 1.3-2x slower; 0.3 s later they did not).
+  """
   for v in variants:
     if v.error:
       continue
@@ -158,17 +166,18 @@ def time_row(variants, reps, max_call_s):
     except Exception as e:
       v.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
       traceback.print_exc(file=sys.stderr)
-  live = [v for v in variants if not v.error]
-  for _ in range(reps):
-    for v in live:
-      if v.error:
-        continue
-      try:
+  for v in variants:
+    if v.error:
+      continue
+    time.sleep(0.3)
+    try:
+      jax.block_until_ready(v.compiled(*v.args))
+      for _ in range(reps):
         t = time.perf_counter()
         jax.block_until_ready(v.compiled(*v.args))
         v.times.append(time.perf_counter() - t)
-      except Exception as e:
-        v.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    except Exception as e:
+      v.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
 
 # ------------------------------------------------------------------------------ setup

@@ -126,7 +126,7 @@ def _largest_divisor_at_most(width: int, cap: int) -> int:
 
 def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None = None,
                 block_k: int | None = None, backend: str | None = None,
-                widen: bool = False) -> tuple[int, int]:
+                weights: str = "slice") -> tuple[int, int]:
   """Chooses (block_width, block_k) for n tokens: a static, per-shape decision.
 
   block_width: the whole width when the (n, width) float32 pre-activations fit the
@@ -135,21 +135,23 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   divisor uses blocks that overlap at the end (see ``_block_fn``).
   block_k: how many active latents one row may have in one block before it spills; a
   generous multiple of the share of k that block should see on average.
-  widen: bf16 weights read through ``cpu_kernels`` (CPU). Up to MATMUL_BF16_ROWS tokens
-  ``matmul_bf16`` reads w_enc in place (planned like float32); more tokens widen each
-  block into a float32 copy, so there is always more than one block.
+  weights: how a block of w_enc is read (``_weights_mode``): "slice" (XLA slices it; on
+  CPU a strided slice is copied), "in_place" (``cpu_kernels.matmul_bf16``: no copy, so
+  only the pre-activations bound the block) or "copy" (widened into a float32 copy: never
+  the whole array at once unless it fits the copy budget).
   """
+  if weights not in ("slice", "in_place", "copy"):
+    raise ValueError(f"weights must be 'slice', 'in_place' or 'copy', not {weights!r}")
   backend = backend or _backend()
   if block_width is None:
     cpu = backend == "cpu"
-    in_place = widen and _fused_rows(n)  # matmul_bf16 reads w_enc blocks without a copy.
-    copies = widen and not in_place      # Each block widened into a float32 copy.
-    if not copies and 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES):
+    one = 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES)
+    if one and weights != "copy":
       block_width = width  # One block: no weight slices at all (the common 1-token case).
     else:
       if cpu:
         cap = _CPU_PRE_BYTES // (4 * n)
-        if not in_place:
+        if weights != "in_place":
           cap = min(cap, _cpu_weight_bytes(n) // (4 * d_in))
       else:
         cap = _GPU_BLOCK_BYTES // (4 * n)
@@ -165,25 +167,28 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   return block_width, block_k
 
 
-def _fused_rows(n: int) -> bool:
-  """Few enough rows for ``cpu_kernels.matmul_bf16`` (bf16 weights on CPU)."""
-  return n <= cpu_kernels.MATMUL_BF16_ROWS
+def _weights_mode(w_enc: Array, n: int, cpu: bool | None, fuse: bool = True) -> str:
+  """How n rows read blocks of w_enc: bf16 on CPU through ``cpu_kernels`` ("in_place"
+  for up to MATMUL_BF16_ROWS rows, else "copy"), otherwise XLA slices ("slice")."""
+  if not _widens(w_enc, cpu):
+    return "slice"
+  return "in_place" if fuse and n <= cpu_kernels.MATMUL_BF16_ROWS else "copy"
 
 
 def _plan(d: Dictionary, n: int, k: int, block_width, block_k, spill_rows,
           backend: str) -> tuple[int, int, int, int]:
   """(block_width, block_k, spill_rows, spill_block_width) for n rows on ``backend``.
 
-  The spill pass widens its blocks of bf16 weights into float32 copies (``_dense_rows``),
-  so it gets its own, copy-sized blocks when the encoder reads w_enc in place.
+  The spill pass widens bf16 blocks into float32 copies (``_dense_rows``), so when the
+  encoder reads w_enc in place the spill plans its own, copy-sized blocks.
   """
-  widen = _widens(d.w_enc, backend == "cpu")
-  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, widen)
+  cpu = backend == "cpu"
+  mode = _weights_mode(d.w_enc, n, cpu)
+  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, mode)
   sr = int(min(spill_rows or _auto_spill_rows(n), n))
   spill_bw = bw
-  if widen and _fused_rows(n) and block_width is None:
-    spill_bw = plan_blocks(cpu_kernels.MATMUL_BF16_ROWS + 1, d.d_in, d.width, k,
-                           backend=backend, widen=True)[0]
+  if mode == "in_place":
+    spill_bw = plan_blocks(sr, d.d_in, d.width, k, block_width, None, backend, "copy")[0]
   return bw, bk, sr, spill_bw
 
 
@@ -199,25 +204,24 @@ def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
     and indexed, a free reshape from which XLA slices each block; otherwise the last
     block is clamped to end at the width and ``valid_from`` masks the columns that the
     previous block already covered (valid_from is None when blocks do not overlap).
-  - bf16 on CPU (``_widens``), up to MATMUL_BF16_ROWS rows and ``fuse``:
+  - bf16 on CPU, up to MATMUL_BF16_ROWS rows (unless ``fuse`` is off):
     ``cpu_kernels.matmul_bf16`` reads the bf16 block in place.
   - bf16 on CPU, more rows: ``cpu_kernels.widen_columns`` makes a float32 copy of the
     block for XLA's dot. Either way XLA never converts the whole array.
   """
   w_enc, b_enc, threshold = d.w_enc, d.b_enc, d.threshold
-  n = x.shape[0]
   d_in, width = w_enc.shape
   bw = block_width
   nb = -(-width // bw)
-  widen = _widens(w_enc, cpu)
-  if widen or width % bw:
+  mode = _weights_mode(w_enc, x.shape[0], cpu, fuse)
+  if mode != "slice" or width % bw:
     def get(j):
       start = jnp.minimum(j * bw, width - bw)
-      if widen and fuse and _fused_rows(n):  # x rounded to compute_dtype, as matmul does.
+      if mode == "in_place":  # x rounded to compute_dtype first, as matmul does.
         xr = x.astype(compute_dtype).astype(jnp.float32)
         pre = cpu_kernels.matmul_bf16(xr, w_enc, start, bw)
       else:
-        w = (cpu_kernels.widen_columns(w_enc, start, bw) if widen
+        w = (cpu_kernels.widen_columns(w_enc, start, bw) if mode == "copy"
              else lax.dynamic_slice_in_dim(w_enc, start, bw, 1))
         pre = matmul(x, w, compute_dtype)
       pre = pre + lax.dynamic_slice_in_dim(b_enc, start, bw, 0).astype(jnp.float32)

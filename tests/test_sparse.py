@@ -104,6 +104,14 @@ def test_plan_blocks_respects_budget_and_divides_width():
   bw, _ = sparse.plan_blocks(4096, 1152, 1 << 20, 128, backend="gpu")
   assert 4 * 4096 * bw <= sparse._GPU_BLOCK_BYTES
   assert sparse.plan_blocks(8, 4, 7, 3, block_width=100)[0] == 7
+  # bf16 on CPU: read in place, only the pre-activations bound a block; widened copies
+  # are bounded by the weight budget too, and never span the width when it is too big.
+  plan = lambda n, width, mode: sparse.plan_blocks(n, 1152, width, 128, backend="cpu",
+                                                   weights=mode)[0]
+  assert plan(1, 65536, "in_place") == 65536 and plan(32, 1 << 20, "in_place") == 65536
+  assert plan(1, 65536, "copy") * 4 * 1152 <= sparse._cpu_weight_bytes(1)
+  with pytest.raises(ValueError, match="weights must be"):
+    plan(1, 64, "dense")
 
 
 def test_vmap_and_inside_a_jitted_model():
