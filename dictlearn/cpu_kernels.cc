@@ -17,7 +17,6 @@
 #include <cstring>
 #include <memory>
 #include <thread>
-#include <vector>
 
 // -DDICTLEARN_PORTABLE builds only the portable loops (tests use it to check them on x86).
 #if (defined(__x86_64__) || defined(__i386__)) && !defined(DICTLEARN_PORTABLE)
@@ -158,9 +157,9 @@ DICTLEARN_WIDEN_HANDLER(DictlearnGatherRows, GatherRows)
 // accumulates in float32: half the bytes of a float32 matvec.
 //
 // Work: the B columns are cut into tiles whose (n, tile) float32 accumulator stays in
-// L2 (64 KiB); a tile streams all R rows, 8 at a time, each row segment contiguous
-// (long segments keep the hardware prefetcher busy: 16k-column tiles ran ~1.5x faster
-// than 1k ones). Tiles are claimed from an atomic counter by the calling thread and
+// L2 (at most 256 KiB); a tile streams all R rows, 8 at a time, each row segment
+// contiguous (long segments keep the hardware prefetcher busy: 16k-64k-column tiles ran
+// ~1.5x faster than 1k ones). Tiles are claimed from an atomic counter by the calling thread and
 // by tasks on XLA's intra-op pool; the caller then waits only for tiles another thread
 // has already claimed and is running, so a busy or absent pool cannot deadlock it.
 
@@ -198,10 +197,10 @@ void TilePortable(const MatmulArgs& a, int64_t t0, int64_t len, float* acc) {
 }
 
 #ifdef DICTLEARN_X86
-// AVX2 tile. 16 bf16 weights are one 256-bit load; shifting each 32-bit lane left by 16
-// gives the even columns as float32, masking off the low half gives the odd ones, so
-// the accumulator holds each 16 columns as [8 even | 8 odd] and is interleaved at the end.
-// Adds rows [i, i + rb) of the tile (rb <= kRowBlock) to the accumulator.
+// Adds rows [i, i + rb) of the tile (rb <= kRowBlock) to the accumulator. 16 bf16 weights
+// are one 256-bit load; shifting each 32-bit lane left by 16 gives the even columns as
+// float32, masking off the low half gives the odd ones, so the accumulator holds each 16
+// columns as [8 even | 8 odd] (TileAvx2 interleaves them on the way out).
 __attribute__((target("avx2,fma"))) void RowsAvx2(const MatmulArgs& a, int64_t t0,
                                                    int64_t len, float* acc, int64_t i,
                                                    int rb) {
