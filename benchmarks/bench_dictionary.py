@@ -147,7 +147,7 @@ def _extra_bytes(compiled) -> int | None:
     return None
 
 
-def time_row(variants, reps, max_call_s):
+def time_row(variants, reps):
   """Compiles and warms up the variants, then times each as a block; fills times/extra/error.
 
   Each variant's block is a pause, an untimed call, then ``reps`` back-to-back timed
@@ -248,7 +248,7 @@ def run_table(args):
       cd = jnp.dtype(dtype)
       # Probe the floor once: rows too slow for this machine are skipped, and said so.
       probe = make_variants(d, x, cd, args.k, False, [])[:1]
-      time_row(probe, 1, args.max_call_s)
+      time_row(probe, 1)
       if probe[0].error:
         raise RuntimeError(probe[0].error)
       t_floor = probe[0].times[0]
@@ -260,7 +260,7 @@ def run_table(args):
       reps = int(min(args.reps, max(3, args.rep_seconds // max(t_floor, 1e-9))))
       l0 = float(jax.jit(lambda d, x: (dl.encode(d, x) != 0).sum(-1).mean())(d, x[:64]))
       vs = make_variants(d, x, cd, args.k, not args.no_penzai, impls)
-      time_row(vs, reps, args.max_call_s)
+      time_row(vs, reps)
     except Exception as e:
       skipped.append(f"{d_in}x{width} {dtype} tokens={n}: {type(e).__name__}: "
                      f"{str(e).splitlines()[0][:200]}")

@@ -92,8 +92,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DictlearnSelectActive, SelectActive,
 //   GatherRows    w (R, C) bf16, idx (m,) int32 -> out (m, C) f32 = w[idx, :]
 // Starts are clamped to [0, extent - B] and indices to [0, R - 1] (jnp's "clip").
 
-static inline void Widen(const uint16_t* src, uint32_t* dst, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<uint32_t>(src[j]) << 16;
+// A bf16 value is the top half of a float32.
+static inline float Bf16(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline void Widen(const uint16_t* src, float* dst, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = Bf16(src[j]);
 }
 
 static const uint16_t* Bits(ffi::Buffer<ffi::BF16>& w) {
@@ -107,7 +115,7 @@ static ffi::Error WidenColumns(ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> s
     return ffi::Error::InvalidArgument("widen_columns: out must be (R, B) with B <= C");
   }
   const int64_t s = std::clamp<int64_t>(*start.typed_data(), 0, c - b);
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out->typed_data());
+  float* dst = out->typed_data();
   for (int64_t i = 0; i < r; ++i) Widen(Bits(w) + i * c + s, dst + i * b, b);
   return ffi::Error::Success();
 }
@@ -119,7 +127,7 @@ static ffi::Error WidenRows(ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> star
     return ffi::Error::InvalidArgument("widen_rows: out must be (B, C) with B <= R");
   }
   const int64_t s = std::clamp<int64_t>(*start.typed_data(), 0, r - b);
-  Widen(Bits(w) + s * c, reinterpret_cast<uint32_t*>(out->typed_data()), b * c);
+  Widen(Bits(w) + s * c, out->typed_data(), b * c);
   return ffi::Error::Success();
 }
 
@@ -131,7 +139,7 @@ static ffi::Error GatherRows(ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::S32> idx
     return ffi::Error::InvalidArgument("gather_rows: out must be (m, C) and R > 0");
   }
   const int32_t* ix = idx.typed_data();
-  uint32_t* dst = reinterpret_cast<uint32_t*>(out->typed_data());
+  float* dst = out->typed_data();
   for (int64_t i = 0; i < m; ++i) {
     const int64_t row = std::clamp<int64_t>(ix[i], 0, r - 1);
     Widen(Bits(w) + row * c, dst + i * c, c);
@@ -174,13 +182,6 @@ struct MatmulArgs {
   float* out;
   int64_t n, r, c, s, b, tile;
 };
-
-inline float Bf16(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // Portable tile: columns [t0, t0 + len) of the block, natural accumulator layout.
 void TilePortable(const MatmulArgs& a, int64_t t0, int64_t len, float* acc) {

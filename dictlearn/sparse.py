@@ -215,10 +215,12 @@ def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
   nb = -(-width // bw)
   mode = _weights_mode(w_enc, x.shape[0], cpu, fuse)
   if mode != "slice" or width % bw:
+    # matmul_bf16 takes float32 x: rounded to compute_dtype first, as matmul does.
+    xr = x.astype(compute_dtype).astype(jnp.float32) if mode == "in_place" else None
+
     def get(j):
       start = jnp.minimum(j * bw, width - bw)
-      if mode == "in_place":  # x rounded to compute_dtype first, as matmul does.
-        xr = x.astype(compute_dtype).astype(jnp.float32)
+      if mode == "in_place":
         pre = cpu_kernels.matmul_bf16(xr, w_enc, start, bw)
       else:
         w = (cpu_kernels.widen_columns(w_enc, start, bw) if mode == "copy"
