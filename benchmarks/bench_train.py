@@ -27,7 +27,6 @@ the target, FVU, and the wall time of ``fit``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -37,19 +36,17 @@ import numpy as np
 
 
 def time_step(d_in, width, batch, runs, seed=0, compute_dtype="float32"):
-  from dictlearn.train import loop, objective  # noqa: F401 - internals, on purpose
+  from dictlearn.train import compiled_step, initial_state, make_optimizer
 
   rng = np.random.default_rng(seed)
   x = rng.standard_normal((batch, d_in)).astype(np.float32)
-  cfg = dataclasses.replace(_config(d_in, width, batch, steps=10_000),
-                            compute_dtype=compute_dtype)
-  opt = loop._optimizer(cfg, _schedule(cfg))
-  state = loop._initial_state(cfg, opt, np.zeros(d_in, np.float32), None)
+  cfg = _config(d_in, width, batch, steps=10_000, compute_dtype=compute_dtype)
+  state = initial_state(cfg, make_optimizer(cfg))
   dev = jax.devices()[0]
   state = jax.device_put(state, dev)
   xd = jax.device_put(x, dev)
   scales = jax.device_put(np.ones(2, np.float32), dev)
-  step = loop._compiled_step(loop._step_key(cfg), None, "data", None)
+  step = compiled_step(cfg)
   for _ in range(2):  # compile, then one more so caches are warm
     state = step(state, xd, xd, scales)
   jax.block_until_ready(state)
@@ -79,24 +76,11 @@ def time_pipeline(d_in, batch, runs, seed=0):
   return statistics.median(times)
 
 
-def _config(d_in, width, batch, steps):
-  from dictlearn.train import loop, objective
+def _config(d_in, width, batch, steps, compute_dtype="float32"):
+  from dictlearn.train import TrainConfig
 
-  return loop.TrainConfig(
-      kind="sae", width=width, d_in=d_in, d_out=d_in, steps=steps, batch_size=batch,
-      learning_rate=1e-3, seed=0, target_l0=32.0, sparsity_coeff=d_in / 4, affine=False,
-      matryoshka=objective.prefix_bounds(width, None), bandwidth=0.001, threshold_init=0.001,
-      encoder_scale=1.0, warmup_steps=100, decay="cosine", final_lr_fraction=0.0,
-      sparsity_warmup_steps=100, grad_clip=1.0, adam_b1=0.0, adam_b2=0.999, log_every=100,
-      dead_window_tokens=10_000_000, normalize=True, b_dec_init="zeros", skip_init="zeros",
-      skip_hold_steps=0, init_samples=0, shuffle_buffer=0, compute_dtype="float32")
-
-
-def _schedule(cfg):
-  from dictlearn.train import optim
-
-  return optim.lr_schedule(cfg.learning_rate, cfg.steps, warmup_steps=cfg.warmup_steps,
-                           decay=cfg.decay)
+  return TrainConfig(width=width, steps=steps, batch_size=batch, learning_rate=1e-3,
+                     target_l0=32.0, compute_dtype=compute_dtype, d_in=d_in).resolve()
 
 
 def recovery(n_feat, d, k, width, steps, batch, lr, seed=0):
@@ -112,8 +96,7 @@ def recovery(n_feat, d, k, width, steps, batch, lr, seed=0):
   x = np.einsum("nk,nkd->nd", a, D[idx]).astype(np.float32)
   t = time.perf_counter()
   dct, h = fit(x, kind="sae", width=width, target_l0=k, steps=steps, batch_size=batch,
-               learning_rate=lr, threshold_init=0.5, bandwidth=0.05, progress=False,
-               seed=seed)
+               learning_rate=lr, progress=False, seed=seed)
   jax.block_until_ready(dct.w_dec)
   wall = time.perf_counter() - t
   w = np.asarray(dct.w_dec, np.float64)
@@ -137,7 +120,7 @@ def main():
   parser.add_argument("--width", type=int, default=4096)
   parser.add_argument("--steps", type=int, default=2000)
   parser.add_argument("--batch", type=int, default=1024)
-  parser.add_argument("--lr", type=float, default=1e-2)
+  parser.add_argument("--lr", type=float, default=3e-4)
   parser.add_argument("--d-in", type=int, default=640)
   parser.add_argument("--widths", type=int, nargs="+", default=[2048, 8192])
   parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024, 4096])

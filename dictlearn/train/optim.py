@@ -85,12 +85,36 @@ def hold_params(names: tuple, steps: int) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def scale_params(factors: dict) -> optax.GradientTransformation:
+  """Multiplies the updates of the named parameters by constant factors."""
+
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    del params
+    updates = dict(updates)
+    for k, f in factors.items():
+      if k in updates:
+        updates[k] = updates[k] * f
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(schedule, *, grad_clip: float | None, b1: float, b2: float,
-                   eps: float = 1e-8, hold: tuple = (), hold_steps: int = 0) -> optax.GradientTransformation:
+                   eps: float = 1e-8, hold: tuple = (), hold_steps: int = 0,
+                   lr_factors: dict | None = None) -> optax.GradientTransformation:
+  """The chain above; ``lr_factors`` {name: f} gives a parameter the learning rate
+  ``f * schedule`` (the log-thresholds' own rate)."""
   parts = [project_out_decoder_radial()]
   if grad_clip:
     parts.append(optax.clip_by_global_norm(grad_clip))
   parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)]
+  factors = {k: f for k, f in (lr_factors or {}).items() if f != 1.0}
+  if factors:
+    parts.append(scale_params(factors))
   if hold and hold_steps > 0:
     parts.append(hold_params(hold, hold_steps))
   return optax.chain(*parts)
