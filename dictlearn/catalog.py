@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 
-SIZES = ("270m", "1b", "4b", "12b", "27b")
 VARIANTS = ("pt", "it")
 SITES = ("resid_post", "attn_out", "mlp_out", "transcoder")
 L0_BUCKETS = ("small", "medium", "big")
@@ -30,27 +29,66 @@ WIDTHS = {"16k": 16_384, "65k": 65_536, "262k": 262_144, "1m": 1_048_576}
 DEPTHS = (0.25, 0.50, 0.65, 0.85)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelFacts:
-  """Shapes of a Gemma 3 model that a dictionary must agree with."""
-  n_layers: int
+  """The architecture of one Gemma 3 text model: every number its weights and dictionaries obey.
+
+  This is the one table of Gemma 3 sizes in the repository; ``dictlearn_gemma.config``
+  builds its presets from it. The numbers come from the Gemma reference implementation
+  (``gemma.gm.nn._gemma``: ``Gemma3_270M`` ... ``Gemma3_27B``) and agree with transformers'
+  ``Gemma3TextConfig`` files on the hub.
+
+  Attributes:
+    num_layers: transformer blocks.
+    d_model: residual-stream width.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (1 = multi-query; < num_heads = grouped-query).
+    head_dim: per-head width.
+    hidden_dim: GeGLU width.
+    vocab_size: rows of the (tied) embedding table (the multimodal hub checkpoints of 4B+
+      carry 262208 rows; the loaders keep whatever the checkpoint has).
+    sliding_window: tokens a local layer sees, itself included.
+    local_rope_base, global_rope_base: RoPE max wavelengths.
+    global_rope_scale: linear RoPE scaling factor on global layers (positions / scale).
+    query_pre_attn_scalar: queries are multiplied by ``query_pre_attn_scalar ** -0.5``
+      (None: head_dim).
+    global_every: layer ``i`` is global when ``(i + 1) % global_every == 0`` (5 local : 1).
+    rms_norm_eps: RMSNorm epsilon.
+  """
+
+  num_layers: int
   d_model: int
-  n_heads: int
+  num_heads: int
+  num_kv_heads: int
   head_dim: int
+  hidden_dim: int
+  vocab_size: int = 262_144
+  sliding_window: int = 512
+  local_rope_base: float = 10_000.0
+  global_rope_base: float = 1_000_000.0
+  global_rope_scale: float = 1.0
+  query_pre_attn_scalar: float | None = None
+  global_every: int = 6
+  rms_norm_eps: float = 1e-6
 
-  @property
-  def attn_z_dim(self) -> int:
-    """d_in of an attn_out SAE: it reads o_proj's input, heads x head_dim."""
-    return self.n_heads * self.head_dim
 
-
-MODELS = {
-    "270m": ModelFacts(n_layers=18, d_model=640, n_heads=4, head_dim=256),
-    "1b": ModelFacts(n_layers=26, d_model=1152, n_heads=4, head_dim=256),
-    "4b": ModelFacts(n_layers=34, d_model=2560, n_heads=8, head_dim=256),
-    "12b": ModelFacts(n_layers=48, d_model=3840, n_heads=16, head_dim=256),
-    "27b": ModelFacts(n_layers=62, d_model=5376, n_heads=32, head_dim=128),
+# Gemma 3 sizes. Every size: vocabulary 262144, RoPE base 10k local / 1M global, RMSNorm eps
+# 1e-6, 5 local layers then 1 global; queries scaled by head_dim ** -0.5 except 27B
+# (d_model / heads = 168).
+MODELS: dict[str, ModelFacts] = {
+    "270m": ModelFacts(num_layers=18, d_model=640, num_heads=4, num_kv_heads=1, head_dim=256,
+                       hidden_dim=2048, sliding_window=512, global_rope_scale=1.0),
+    "1b": ModelFacts(num_layers=26, d_model=1152, num_heads=4, num_kv_heads=1, head_dim=256,
+                     hidden_dim=6912, sliding_window=512, global_rope_scale=1.0),
+    "4b": ModelFacts(num_layers=34, d_model=2560, num_heads=8, num_kv_heads=4, head_dim=256,
+                     hidden_dim=10240, sliding_window=1024, global_rope_scale=8.0),
+    "12b": ModelFacts(num_layers=48, d_model=3840, num_heads=16, num_kv_heads=8, head_dim=256,
+                      hidden_dim=15360, sliding_window=1024, global_rope_scale=8.0),
+    "27b": ModelFacts(num_layers=62, d_model=5376, num_heads=32, num_kv_heads=16,
+                      head_dim=128, hidden_dim=21504, sliding_window=1024,
+                      global_rope_scale=8.0, query_pre_attn_scalar=5376 // 32),
 }
+SIZES = tuple(MODELS)  # Gemma Scope 2 has a release for every size.
 
 
 def repo_id(size: str, variant: str = "pt") -> str:
@@ -67,7 +105,7 @@ def releases() -> list[str]:
 
 def sweep_layers(size: str) -> tuple[int, ...]:
   """The four layers that have the full width and L0 sweep."""
-  n = MODELS[_check(size, SIZES, "size")].n_layers
+  n = MODELS[_check(size, SIZES, "size")].num_layers
   return tuple(int(f * n + 0.5) for f in DEPTHS)
 
 
@@ -88,7 +126,7 @@ def ref(size: str, site: str, layer: int, width: str = "16k", l0: str = "small",
     ValueError: for a combination Gemma Scope 2 does not publish, naming what exists.
   """
   _check(site, SITES, "site")
-  n = MODELS[_check(size, SIZES, "size")].n_layers
+  n = MODELS[_check(size, SIZES, "size")].num_layers
   if not 0 <= layer < n:
     raise ValueError(f"layer {layer} is out of range: Gemma 3 {size} has {n} layers (0-{n - 1})")
   if all_layers is None:
@@ -110,7 +148,7 @@ def find(size: str, site: str, *, variant: str = "pt", layer: int | None = None,
          width: str | None = None, l0: str | None = None) -> list[str]:
   """Every published reference matching the filters (sweep folders and ``*_all``)."""
   out = []
-  layers = range(MODELS[_check(size, SIZES, "size")].n_layers) if layer is None else [layer]
+  layers = range(MODELS[_check(size, SIZES, "size")].num_layers) if layer is None else [layer]
   for L in layers:
     for all_layers in (False, True):
       if not all_layers and L not in sweep_layers(size):

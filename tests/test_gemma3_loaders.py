@@ -13,9 +13,11 @@ import sys
 import numpy as np
 import pytest
 
+import dictlearn_gemma
 import dictlearn_penzai as dp
-from dictlearn_penzai.gemma3_config import PRESETS
-from dictlearn_penzai.gemma_params import init_gemma_params
+from dictlearn_gemma.config import PRESETS
+from dictlearn_gemma.params import init_gemma_params
+from dictlearn_gemma.tokenizer import Tokenizer
 
 TINY = PRESETS["tiny"]
 TOKENS = np.array([2, 40, 41, 7, 300, 12, 9, 100])
@@ -80,8 +82,24 @@ def write_hf_folder(folder, params, config, tokenizer=None, prefix="model.", ext
     tokenizer.save(os.path.join(folder, "tokenizer.model"))
 
 
-def write_orbax_kaggle(folder, params, tokenizer=None, name="gemma3-tiny"):
-  """Kaggle layout: folder/tokenizer.model and folder/<name>/ (FLAT orbax checkpoint)."""
+def nested_layout(params):
+  """The ``gemma`` package's NESTED layout (``model.init()``): no "transformer" root, MLP
+  weights without the "w" leaf."""
+  nested = {}
+  for key, value in params.items():
+    parts = key.removeprefix("transformer/").split("/")
+    if parts[-2:] in (["gating_einsum", "w"], ["linear", "w"]):
+      parts = parts[:-1]
+    node = nested
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = np.asarray(value)
+  return nested
+
+
+def write_orbax_kaggle(folder, params, tokenizer=None, name="gemma3-tiny", nested=False):
+  """Kaggle layout: folder/tokenizer.model and folder/<name>/ (FLAT orbax checkpoint, or the
+  NESTED one that ``gemma``'s own ``ckpts.save_params`` writes)."""
   import orbax.checkpoint as ocp
   flat = {}
   for key, value in params.items():
@@ -89,7 +107,8 @@ def write_orbax_kaggle(folder, params, tokenizer=None, name="gemma3-tiny"):
     flat.setdefault(module, {})[leaf] = np.asarray(value)
   os.makedirs(folder, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(os.path.abspath(folder), name), flat)
+  checkpointer.save(os.path.join(os.path.abspath(folder), name),
+                    nested_layout(params) if nested else flat)
   checkpointer.wait_until_finished()
   if tokenizer is not None:
     tokenizer.save(os.path.join(folder, "tokenizer.model"))
@@ -154,7 +173,7 @@ def write_gguf(path, params, config, arch="gemma3", quant_embedding="Q8_0"):
 def tiny():
   params = init_gemma_params(TINY, seed=3)
   model = dp.from_gemma_params(params)
-  tokenizer = dp.Tokenizer.from_vocabulary(*tiny_vocabulary(TINY.vocab_size))
+  tokenizer = Tokenizer.from_vocabulary(*tiny_vocabulary(TINY.vocab_size))
   return params, np.asarray(dp.forward_logits(model, TOKENS)), tokenizer
 
 
@@ -187,6 +206,21 @@ def test_tiny_round_trip_orbax_kaggle_layout(tiny, tmp_path):
     assert tok is not None and tok.encode("a b") == tokenizer.encode("a b")
 
 
+def test_load_params_needs_no_framework(tiny, tmp_path):
+  """dictlearn_gemma.load_params returns the canonical tree itself, from a NESTED orbax
+  checkpoint too; dictlearn_penzai's names for it are re-exports."""
+  params, _, tokenizer = tiny
+  write_orbax_kaggle(tmp_path / "nested", params, tokenizer, nested=True)
+  got, tok = dictlearn_gemma.load_params(tmp_path / "nested")
+  assert got.keys() == params.keys()
+  for key in params:
+    np.testing.assert_array_equal(got[key], params[key])
+  assert isinstance(tok, dictlearn_gemma.Tokenizer) and tok.encode("a b") == tokenizer.encode("a b")
+  assert dp.load_gemma3_params is dictlearn_gemma.load_params
+  assert dp.Tokenizer is Tokenizer and dp.PRESETS is PRESETS
+  assert dp.init_gemma_params is init_gemma_params
+
+
 def test_tiny_round_trip_gguf(tiny, tmp_path):
   import gguf
   params, _, tokenizer = tiny
@@ -207,7 +241,7 @@ def test_tiny_round_trip_gguf(tiny, tmp_path):
   a, b, c, nl = (tok.piece_to_id(p) for p in ("a", "b", "c", "\n"))
   assert tok.encode("ab  c\n") == [2, a, b, 262, c, nl]  # Piece 262 "  " respelled as ▁▁.
   assert tok.decode(tok.encode("ab  c\n")) == "<bos>ab  c\n"
-  assert dp.Tokenizer.from_gguf(tmp_path / "tiny.gguf").encode("ab  c\n") == tok.encode("ab  c\n")
+  assert Tokenizer.from_gguf(tmp_path / "tiny.gguf").encode("ab  c\n") == tok.encode("ab  c\n")
 
 
 def test_gguf_errors(tiny, tmp_path):

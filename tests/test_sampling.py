@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from penzai import pz
 
 import dictlearn_penzai as dp
-from dictlearn_penzai.gemma3_config import PRESETS
-from dictlearn_penzai.gemma_params import init_gemma_params
+from dictlearn_gemma.config import PRESETS
+from dictlearn_gemma.params import init_gemma_params
 from dictlearn_penzai.sampling import filter_logits
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -9,8 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import dictlearn_penzai as dp
-from dictlearn_penzai.tokenizer import format_chat, special_ids
+from dictlearn_gemma.tokenizer import Tokenizer, format_chat, special_ids
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -75,16 +74,16 @@ def test_batch_encode_and_save_round_trip(tokenizer, tmp_path):
   texts = ["def f(x):\n    return x", "naïve café 🍕"]
   assert tokenizer.encode(texts) == [tokenizer.encode(t) for t in texts]
   tokenizer.save(tmp_path / "tokenizer.model")
-  again = dp.Tokenizer.from_file(tmp_path / "tokenizer.model")
+  again = Tokenizer.from_file(tmp_path / "tokenizer.model")
   assert again.encode(texts, add_bos=False) == tokenizer.encode(texts, add_bos=False)
   assert len(again) == 262144
 
 
 def test_file_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no SentencePiece model"):
-    dp.Tokenizer.from_file(tmp_path / "missing.model")
+    Tokenizer.from_file(tmp_path / "missing.model")
   (tmp_path / "bad.model").write_bytes(b"\x00\xff not a protobuf \xff")
   with pytest.raises(ValueError, match="not a SentencePiece model file"):
-    dp.Tokenizer.from_file(tmp_path / "bad.model")
+    Tokenizer.from_file(tmp_path / "bad.model")
   with pytest.raises(ValueError, match="differ in length"):
-    dp.Tokenizer.from_vocabulary(["a", "b"], [0.0], [1, 1])
+    Tokenizer.from_vocabulary(["a", "b"], [0.0], [1, 1])

@@ -11,13 +11,13 @@ from dictlearn_penzai.layers import SAELayer, TranscoderLayer
 from dictlearn_penzai.sites import Site, site_of
 
 # Gemma 3 in penzai: configs, the model, loaders, tokenizer and KV-cached sampling.
-from dictlearn_penzai.gemma3_config import PRESETS, Gemma3Config, get_preset
+from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
 from dictlearn_penzai.gemma3_model import from_gemma_params, hook_points, model_config
-from dictlearn_penzai.gemma_params import init_gemma_params, normalize_gemma_params
+from dictlearn_gemma.params import init_gemma_params, normalize_gemma_params
 from dictlearn_penzai.loading import load_gemma3, load_gemma3_params
 from dictlearn_penzai.sampling import (
     forward_logits, generate, generate_tokens, make_kv_cached, pad_batch)
-from dictlearn_penzai.tokenizer import Tokenizer, format_chat
+from dictlearn_gemma.tokenizer import Tokenizer, format_chat
 
 # Harvesting activations for training (dictlearn.train.fit reads the shards).
 from dictlearn_penzai.harvesting import harvest

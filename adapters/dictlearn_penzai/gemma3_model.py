@@ -40,8 +40,8 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from dictlearn_penzai.gemma3_config import Gemma3Config
-from dictlearn_penzai.gemma_params import (
+from dictlearn_gemma.config import Gemma3Config
+from dictlearn_gemma.params import (
     PREFIX, check_params, layer_prefix, normalize_gemma_params, resolve_config)
 from dictlearn_penzai.hookpoint import HookPoint
 
@@ -278,7 +278,7 @@ def from_gemma_params(params: Mapping, *, preset: str | Gemma3Config = "auto",
   """Builds the penzai Gemma 3 model from a Gemma flax parameter tree.
 
   Args:
-    params: the canonical flat tree (see ``gemma_params``) or any Gemma flax layout
+    params: the canonical flat tree (see ``dictlearn_gemma.params``) or any Gemma flax layout
       (Kaggle FLAT, ``model.init()`` NESTED, with or without the ``transformer`` root).
     preset: "auto" (infer the size from the shapes), a preset name ("270m", "1b", "4b",
       "12b", "27b", "tiny"), or a ``Gemma3Config``.

@@ -34,7 +34,7 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
-from dictlearn_penzai.tokenizer import format_chat, special_ids
+from dictlearn_gemma.tokenizer import format_chat, special_ids
 
 _BUCKET = 16
 _MAX_STOP_IDS = 8

@@ -1,11 +1,12 @@
-"""Gemma 3 from a Gemma flax/orbax checkpoint (the Kaggle ``google/gemma-3/flax/...`` layout).
+"""Gemma 3 from an orbax checkpoint written by Google's ``gemma`` package (Kaggle's flax).
 
-A Kaggle download such as ``gemma3-1b`` is a folder holding ``tokenizer.model`` and the
-orbax checkpoint folder ``gemma3-1b/`` (``_METADATA``, ``manifest.ocdbt``, ``d/``, ...).
+A Kaggle download (``google/gemma-3/flax/...``) such as ``gemma3-1b`` is a folder holding
+``tokenizer.model`` and the orbax checkpoint folder ``gemma3-1b/`` (``_METADATA``, ``manifest.ocdbt``, ``d/``, ...).
 Either folder can be given. The checkpoint is restored with orbax as numpy arrays, in the
 FLAT layout (``{"transformer/layer_0/attn/q_einsum": {"w": ...}}``) or any other layout
-``gemma_params.normalize_gemma_params`` knows; Kauldron checkpoints keep the params in a
-``default/`` subfolder.
+``dictlearn_gemma.params.normalize_gemma_params`` knows (the NESTED one of ``model.init()``
+included); Kauldron checkpoints keep the params in a ``default/`` subfolder. orbax is
+imported only when a checkpoint is read.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 
 import numpy as np
 
-from dictlearn_penzai.gemma_params import normalize_gemma_params
+from dictlearn_gemma.params import normalize_gemma_params
 
 _ORBAX_MARKERS = ("_METADATA", "manifest.ocdbt", "_CHECKPOINT_METADATA", "checkpoint")
 
@@ -58,13 +59,13 @@ def find_tokenizer(checkpoint: str) -> str | None:
   return None
 
 
-def load_flax_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_orbax_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   """Canonical params (numpy, checkpoint dtype) from an orbax Gemma checkpoint folder."""
   try:
     import orbax.checkpoint as ocp
   except ImportError as e:
-    raise ImportError("reading flax checkpoints needs orbax: pip install 'dictlearn[penzai]'"
-                      ) from e
+    raise ImportError("reading Gemma orbax checkpoints needs orbax-checkpoint: "
+                      "pip install 'dictlearn[gemma]'") from e
   import jax
 
   path = os.path.abspath(find_checkpoint(os.fspath(folder)))

@@ -8,7 +8,7 @@ format (value types, quantization block sizes), and dequantizes tensors with
 
 llama.cpp's Gemma 3 tensors are transformers' matrices (out, in) under other names, with
 every RMSNorm weight stored as ``1 + scale`` (llama.cpp multiplies by the stored weight);
-we subtract the 1 to get the canonical tree (see ``gemma_params``).
+we subtract the 1 to get the canonical tree (see ``dictlearn_gemma.params``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dictlearn_penzai.load_safetensors import hf_to_gemma_params
+from dictlearn_gemma.load_safetensors import hf_to_gemma_params
 
 # llama.cpp name -> transformers name (per block, then global).
 _BLOCK_NAMES = {
@@ -38,7 +38,7 @@ def _gguf():
   try:
     import gguf
   except ImportError as e:
-    raise ImportError("reading GGUF files needs the gguf package: pip install 'dictlearn[gguf]'"
+    raise ImportError("reading GGUF files needs the gguf package: pip install 'dictlearn[gemma]'"
                       ) from e
   return gguf
 

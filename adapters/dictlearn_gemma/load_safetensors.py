@@ -5,7 +5,7 @@ Accepts the text model (``model.layers.{i}...``) and the text part of a multimod
 transformers, ``model.language_model.layers...`` in newer); vision tensors are skipped.
 transformers stores matrices as (out, in) and RMSNorm weights as ``scale`` (applied as
 ``1 + scale``), like the flax checkpoints. Conversions to the canonical tree (N query
-heads, K kv heads, head_dim H, shapes in ``gemma_params``):
+heads, K kv heads, head_dim H, shapes in ``dictlearn_gemma.params``):
 
   q_proj (N*H, D) -> q_einsum (N, D, H)      k_proj, v_proj (K*H, D) -> kv_einsum (2, K, D, H)
   o_proj (D, N*H) -> attn_vec_einsum (N, H, D)
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dictlearn_penzai.gemma_params import PREFIX, layer_prefix, name_some
+from dictlearn_gemma.params import PREFIX, layer_prefix, name_some
 
 _NORMS = {"input_layernorm": "pre_attention_norm",
           "post_attention_layernorm": "post_attention_norm",

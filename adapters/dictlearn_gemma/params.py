@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dictlearn_penzai.gemma3_config import PRESETS, Gemma3Config, get_preset
+from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
 
 PREFIX = "transformer/"
 _NORMS = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")

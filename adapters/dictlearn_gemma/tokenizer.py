@@ -47,7 +47,7 @@ class Tokenizer:
   """Gemma 3 text <-> token ids.
 
   Build with ``Tokenizer.from_file(path)`` (a SentencePiece ``tokenizer.model``) or
-  ``Tokenizer.from_gguf(path)``; ``load_gemma3`` returns one.
+  ``Tokenizer.from_gguf(path)``; ``dictlearn_gemma.load_params`` returns one.
 
   Attributes:
     bos_id, eos_id, pad_id, unk_id, start_of_turn_id, end_of_turn_id: special ids.
@@ -125,8 +125,8 @@ class Tokenizer:
 
   @classmethod
   def from_gguf(cls, source: Any) -> "Tokenizer":
-    """From the ``tokenizer.ggml.*`` metadata of a GGUF file (path or ``load_gguf.GGUFFile``)."""
-    from dictlearn_penzai.load_gguf import GGUFFile, read_gguf
+    """From the ``tokenizer.ggml.*`` metadata of a GGUF file (path or ``dictlearn_gemma.load_gguf.GGUFFile``)."""
+    from dictlearn_gemma.load_gguf import GGUFFile, read_gguf
 
     meta = (source if isinstance(source, GGUFFile) else read_gguf(source)).metadata
     if "tokenizer.ggml.tokens" not in meta:
