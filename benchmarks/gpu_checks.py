@@ -112,7 +112,7 @@ def run_checks(args):
           count_bad == 0 and set_bad == 0)
       ok = err < tol and err_x < tol and flips_ok
       failures += not ok
-      emit(args, f"| {name} | bt{p.block_tokens} bw{p.block_width} bk{p.block_k} "
+      emit(args, f"| {name} | bt{p.block_tokens} bw{p.block_width} dc{p.d_chunk} "
                  f"S{p.splits} cap{p.capacity} | {err:.2e} | {err_x:.2e} | {count_bad} | "
                  f"{set_bad} | {int(np.asarray(cp.overflow).sum())} | "
                  f"{'PASS' if ok else 'FAIL'} |")

@@ -262,7 +262,17 @@ def decode(d: Dictionary, f: Array, x: Array | None = None, *,
     raise ValueError(
         f"decode expects latents with last axis width={d.width} but got {tuple(f.shape)}")
   check_skip_input(d, x, "decode(d, f, x)")
-  y = matmul(f, d.w_dec, compute_dtype) + d.b_dec.astype(jnp.float32)
+  return add_bias_and_skip(d, matmul(f, d.w_dec, compute_dtype), x, compute_dtype)
+
+
+def add_bias_and_skip(d: Dictionary, y: Array, x: Array | None,
+                      compute_dtype=jnp.float32) -> Array:
+  """``y + b_dec`` (``+ x @ w_skip`` for affine transcoders): the decoder's affine part.
+
+  y (..., d_out) is the latents' float32 contribution (``f @ w_dec``, or the fused pass's
+  sparse decode); x (..., d_in) is read only when d has a skip connection.
+  """
+  y = y + d.b_dec.astype(jnp.float32)
   if d.w_skip is not None:
     y = y + matmul(x, d.w_skip, compute_dtype)
   return y

@@ -1,12 +1,12 @@
 """Pallas (Triton) GPU kernel: fused encode matmul + JumpReLU threshold + active-latent select.
 
-The XLA path (``sparse._select_blocks``) runs a matmul, a threshold, a top_k and a merge
+The XLA path (``sparse.select_blocks``) runs a matmul, a threshold, a top_k and a merge
 per block, each a kernel reading and writing HBM. Here one kernel does it all in
 registers: program (t, s) of a (token tiles, width splits) grid takes ``block_tokens``
 rows of x and the s-th slice of ``width / splits`` columns of w_enc, and for each tile
 of ``block_width`` columns
 
-  acc = x_tile @ w_enc_tile          (tl.dot over d_in in chunks of block_k, f32 acc)
+  acc = x_tile @ w_enc_tile          (tl.dot over d_in in chunks of d_chunk, f32 acc)
   pre = acc + b_enc; active = pre > threshold
   repeat max(active per row) times: take each row's largest remaining active latent
   (argmax), append it to the row's ``capacity``-slot buffer, mask it out
@@ -19,8 +19,8 @@ merges the splits' buffers into k slots (one top_k over splits x capacity per ro
 Splitting the width over programs is what fills the GPU at one token (decode loops): a
 single row still gets width / (block_width) independent tiles of w_enc to stream.
 
-Shapes: x (n, d_in) -> values (n, k) f32, indices (n, k) i32, fill (n,) i32, count (n,)
-i32, lost (n,) bool; the same contract as ``sparse._select_blocks``.
+Shapes: x (n, d_in) -> ``sparse.Selection`` (values (n, k) f32, indices (n, k) i32, fill
+(n,) i32, count (n,) i32, lost (n,) bool), the contract of ``sparse.select_blocks``.
 
 Constraints (Triton): block sizes and capacity are powers of two, block_tokens >= 16,
 width divisible by block_width * splits; d_in is arbitrary (tail chunks are masked).
@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from dictlearn.sparse import Selection
+
 Array = jax.Array
 
 _NUM_SMS_GUESS = 132  # H100/H200; only used to size the grid (twice this many programs).
@@ -49,10 +51,10 @@ def _pow2_at_least(v: float) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
-  """Static tiling of one call (all powers of two)."""
+  """Static tiling of one call (all powers of two); d_chunk: d_in columns per tl.dot."""
   block_tokens: int
   block_width: int
-  block_k: int
+  d_chunk: int
   splits: int
   capacity: int
   num_warps: int = 4
@@ -60,7 +62,7 @@ class KernelPlan:
 
 
 def plan(n: int, d_in: int, width: int, k: int, *, block_tokens: int | None = None,
-         block_width: int | None = None, block_k: int | None = None,
+         block_width: int | None = None, d_chunk: int | None = None,
          splits: int | None = None, capacity: int | None = None,
          num_warps: int | None = None, num_stages: int | None = None) -> KernelPlan | None:
   """Chooses the tiling, or None when the shapes do not suit the kernel (use XLA)."""
@@ -70,10 +72,10 @@ def plan(n: int, d_in: int, width: int, k: int, *, block_tokens: int | None = No
     bw //= 2
   if width % bw or bw < 16:
     return None
-  if block_k is None:
-    block_k = 64
-    while block_k > 16 and d_in % block_k:
-      block_k //= 2
+  if d_chunk is None:
+    d_chunk = 64
+    while d_chunk > 16 and d_in % d_chunk:
+      d_chunk //= 2
   tiles = width // bw
   token_tiles = -(-n // bt)
   if splits is None:
@@ -89,7 +91,7 @@ def plan(n: int, d_in: int, width: int, k: int, *, block_tokens: int | None = No
     capacity = min(_pow2_at_least(k), max(8, _pow2_at_least(2 * k / splits)))
   if num_warps is None:  # acc, key and buffers are all register tiles: wider tiles, more warps.
     num_warps = 4 if bt * bw <= 16 * 128 else 8
-  return KernelPlan(bt, bw, block_k, splits, capacity, num_warps, num_stages or 3)
+  return KernelPlan(bt, bw, d_chunk, splits, capacity, num_warps, num_stages or 3)
 
 
 def _kernel(x_ref, w_ref, b_ref, t_ref, v_ref, i_ref, f_ref, c_ref, l_ref, *,
@@ -97,7 +99,7 @@ def _kernel(x_ref, w_ref, b_ref, t_ref, v_ref, i_ref, f_ref, c_ref, l_ref, *,
   """One (token tile, width split): see the module docstring."""
   from jax.experimental.pallas import triton as plgpu
 
-  bt, bw, bk, cap = p.block_tokens, p.block_width, p.block_k, p.capacity
+  bt, bw, bk, cap = p.block_tokens, p.block_width, p.d_chunk, p.capacity
   col0 = pl.program_id(1) * split_width
   n_chunks = pl.cdiv(d_in, bk)
   lane = jnp.arange(bw, dtype=jnp.int32)
@@ -213,8 +215,8 @@ def encode_select_splits(x: Array, w_enc: Array, b_enc: Array, threshold: Array,
   return [o[:, :n] for o in out]
 
 
-def merge_splits(v, i, fill, count, lost, k: int):
-  """(splits, n, cap) buffers -> k slots per row: the ``_select_blocks`` contract."""
+def merge_splits(v, i, fill, count, lost, k: int) -> Selection:
+  """(splits, n, cap) buffers -> k slots per row: a ``sparse.Selection``."""
   s, n, cap = v.shape
   valid = jnp.arange(cap, dtype=jnp.int32)[None, None, :] < fill[:, :, None]
   key = jnp.where(valid, v, -jnp.inf).transpose(1, 0, 2).reshape(n, s * cap)
@@ -231,15 +233,12 @@ def merge_splits(v, i, fill, count, lost, k: int):
     idx = jnp.pad(idx, ((0, 0), (0, k - kk)))
   count = count.sum(0)
   lost = (lost.sum(0) > 0) | (count > k)
-  return top, idx, jnp.minimum(total, k), count, lost
+  return Selection(top, idx, jnp.minimum(total, k), count, lost)
 
 
-def select(d, x: Array, *, k: int, compute_dtype=jnp.float32, interpret: bool = False,
-           **plan_overrides):
-  """Fused encode + select for ``sparse``; returns None when the shapes don't fit."""
-  p = plan(x.shape[0], d.d_in, d.width, k, **plan_overrides)
-  if p is None:
-    return None
+def select(d, x: Array, p: KernelPlan, *, k: int, compute_dtype=jnp.float32,
+           interpret: bool = False) -> Selection:
+  """Fused encode + select of x (n, d_in) with tiling p (``plan``): a ``sparse.Selection``."""
   out = encode_select_splits(x, d.w_enc, d.b_enc, d.threshold, p,
                              compute_dtype=compute_dtype, interpret=interpret)
   return merge_splits(*out, k)

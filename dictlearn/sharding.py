@@ -126,31 +126,26 @@ def forward(d: Dictionary, x: Array, mesh: Mesh, *, data_axis: str | None = None
 
 def _local_encode_decode(d, x, *, k, width_axis, compute_dtype, block_width, block_k,
                          spill_rows, with_y):
-  """Per-device body: this shard's latents, exact partial y, codes merged over shards."""
-  n = x.shape[0]
+  """Per-device body: this shard's fused pass, then y summed and codes merged over shards."""
   cd = jnp.dtype(compute_dtype)
   offset = lax.axis_index(width_axis) * d.width  # d is this device's shard.
-  bw, bk, sr, spill_bw = _sparse._plan(d, n, k, block_width, block_k, spill_rows,
-                                        _sparse._backend())
-  v, i, fill, count, lost = _sparse._select_blocks(d, x, k, bw, bk, cd)
-  y = _sparse._decode_codes(d.w_dec, v, i, fill, cd) if with_y else None
-  y, v, i = _sparse._spill(d, x, lost, y, v, i, k, spill_bw, sr, cd)
-  # After the spill every shard holds all its actives, or (local overflow) its k largest.
-  fill = jnp.minimum(count, k)
-  valid = lax.iota(jnp.int32, k)[None, :] < fill[:, None]
-  key = jnp.where(valid, v, -jnp.inf)
+  plan = _sparse.make_plan(d, x.shape[0], k, impl="xla", block_width=block_width,
+                           block_k=block_k, spill_rows=spill_rows)
+  # After its spill pass every shard holds all its actives, or (local overflow) its k largest.
+  y, sel = _sparse.fused_pass(d, x, plan, cd, with_y)
+  valid = lax.iota(jnp.int32, k)[None, :] < sel.fill[:, None]
+  key = jnp.where(valid, sel.values, -jnp.inf)
   keys = lax.all_gather(key, width_axis, axis=1, tiled=True)            # (n, W*k)
-  idxs = lax.all_gather(i + offset, width_axis, axis=1, tiled=True)
-  total = lax.psum(count, width_axis)
-  top, sel = lax.top_k(keys, k)
-  idx = jnp.take_along_axis(idxs, sel, axis=1)
+  idxs = lax.all_gather(sel.indices + offset, width_axis, axis=1, tiled=True)
+  total = lax.psum(sel.count, width_axis)
+  top, pick = lax.top_k(keys, k)
+  idx = jnp.take_along_axis(idxs, pick, axis=1)
   keep = lax.iota(jnp.int32, k)[None, :] < jnp.minimum(total, k)[:, None]
   codes = _sparse.SparseCodes(values=jnp.where(keep, top, 0.0),
                               indices=jnp.where(keep, idx, 0),
                               count=total, overflow=total > k)
   if with_y:
-    y = lax.psum(y, width_axis)
-    y = _sparse._bias_and_skip(d, x, y, cd)
+    y = _dict.add_bias_and_skip(d, lax.psum(y, width_axis), x, cd)
   return y, codes
 
 
@@ -197,8 +192,8 @@ def encode_decode(d: Dictionary, x: Array, mesh: Mesh, *, k: int = 256,
                    block_width, block_k, spill_rows, with_y, d.w_skip is not None)
   y, codes = fn(d, x2)
   codes = jax.tree_util.tree_map(lambda a: a[:n], codes)
-  y = None if y is None else y[:n]
-  return _sparse._reshape_out(y, codes, lead, d.d_out)
+  y = None if y is None else y[:n].reshape(*lead, d.d_out)
+  return y, codes.reshape(*lead)
 
 
 def encode_sparse(d: Dictionary, x: Array, mesh: Mesh, **kwargs) -> _sparse.SparseCodes:

@@ -13,10 +13,16 @@ decode reads all of w_dec to multiply mostly zeros. Here one jitted pass
 2. decodes from the buffer only: a gather of the active rows of w_dec weighted by their
    values, plus b_dec and, for affine transcoders, ``x @ w_skip``;
 3. repairs the rows the buffer could not hold (more than ``k`` active latents, or more than
-   ``block_k`` in one block or in ``block_k`` 16-column groups of it): they go, ``spill_rows`` at a time, through an exact blocked
-   dense pass (``y += f_block @ w_dec_block``; codes keep the row's k largest activations).
-   The loop over spill groups has a data-dependent trip count, so it costs nothing when no
-   row overflows and stays exact when every row does.
+   ``block_k`` in one block or in ``block_k`` 16-column groups of it): they go,
+   ``spill_rows`` at a time, through an exact blocked dense pass (``y += f_block @
+   w_dec_block``; codes keep the row's k largest activations). The loop over spill groups
+   has a data-dependent trip count, so it costs nothing when no row overflows and stays
+   exact when every row does.
+
+Every choice of that pass (backend, block sizes, how w_enc blocks are read, which
+selection, decode chunking, the Pallas tiling) is made once per call by ``make_plan`` and
+held in a frozen, hashable ``Plan``; the steps below read only the plan. Pass
+``plan=make_plan(...)`` to ``encode_decode`` / ``encode_sparse`` to choose a path.
 
 Shapes (``...`` is any leading batch shape, ``n`` the flattened token count)::
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +53,8 @@ import numpy as np
 from jax import lax
 
 from dictlearn import cpu_kernels
-from dictlearn.dictionary import Dictionary, check_input, check_skip_input, matmul
+from dictlearn.dictionary import (Dictionary, add_bias_and_skip, check_input,
+                                  check_skip_input, matmul)
 
 Array = jax.Array
 
@@ -54,27 +62,36 @@ Array = jax.Array
 # columns are copied too (XLA:CPU's dot reads a strided block only after a copy). On CPU
 # both should stay within a slice of the last-level cache and, above all, under glibc's
 # 32 MiB mmap threshold: larger temporaries are mmapped afresh on every call and
-# page-faulted in, which on the VMs we measured costs ~1 s per GiB (vs ~0.12 s to write
-# memory already mapped). Measured on a 32 MiB L3 (d_in 1152, width 65k): 128 tokens
-# run best with 4.5 MiB weight blocks (B=1024), 1024 tokens with 8 MiB of
-# pre-activations and 9 MiB of weights (B=2048): the weight budget grows with n, as the
-# matmul per block does. One block over the whole width (no weight copy) is used while
-# its pre-activations fit _CPU_ONE_BLOCK_BYTES. GPUs want fewer, larger blocks.
-_CPU_PRE_BYTES = 8 << 20
-_CPU_ONE_BLOCK_BYTES = 24 << 20
-_GPU_BLOCK_BYTES = 128 << 20
+# page-faulted in. The weight budget grows with n, as the matmul per block does (the
+# measurements behind these numbers are in benchmarks/RESULTS.md). One block over the
+# whole width (no weight copy) is used while its pre-activations fit CPU_ONE_BLOCK_BYTES.
+# GPUs want fewer, larger blocks.
+CPU_PRE_BYTES = 8 << 20
+CPU_ONE_BLOCK_BYTES = 24 << 20
+GPU_BLOCK_BYTES = 128 << 20
 
 
-def _cpu_weight_bytes(n: int) -> int:
+def cpu_weight_bytes(n: int) -> int:
+  """The CPU budget for one block of copied w_enc columns at n rows."""
   return min(16 << 20, (5 << 20) * (1 + n // 256))
 
 
 # Decode gathers (n, slots, d_out) rows of w_dec at a time. On CPU one slot a step (a
-# fused gather-multiply-add) beats batched chunks once n is more than a few tokens
-# (measured 1.6x at 128 tokens); on GPU each loop step is a few kernel launches.
-_CPU_DECODE_BYTES = 256 << 10
-_CPU_ONE_DECODE_BYTES = 4 << 20
-_GPU_DECODE_BYTES = 128 << 20
+# fused gather-multiply-add) beats batched chunks once n is more than a few tokens; on
+# GPU each loop step is a few kernel launches, so chunks are big.
+CPU_DECODE_BYTES = 256 << 10
+CPU_ONE_DECODE_BYTES = 4 << 20
+GPU_DECODE_BYTES = 128 << 20
+
+# Up to this many tokens the Pallas kernel is the GPU default; above, cuBLAS-backed XLA
+# blocks. A guess until measured on the GPU (benchmarks/run_gpu.sh prints both).
+PALLAS_MAX_TOKENS = 256
+
+_GROUP = 16  # Columns per group in the two-stage ("grouped") block selection.
+
+IMPLS = ("xla", "pallas", "pallas_interpret")
+WEIGHTS = ("slice", "in_place", "copy")
+SELECTS = ("ffi", "top_k", "grouped")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +107,12 @@ class SparseCodes:
   def k(self) -> int:
     return self.values.shape[-1]
 
+  def reshape(self, *lead: int) -> SparseCodes:
+    """The same codes over rows of leading shape ``lead`` (k stays the last axis)."""
+    return SparseCodes(values=self.values.reshape(*lead, self.k),
+                       indices=self.indices.reshape(*lead, self.k),
+                       count=self.count.reshape(lead), overflow=self.overflow.reshape(lead))
+
   def to_dense(self, width: int) -> Array:
     """Scatters the codes into a dense (..., width) float32 array (for tests and small data)."""
     lead = self.values.shape[:-1]
@@ -104,15 +127,25 @@ jax.tree_util.register_dataclass(
     SparseCodes, data_fields=["values", "indices", "count", "overflow"], meta_fields=[])
 
 
+class Selection(NamedTuple):
+  """What a selection pass leaves per row (n rows, k slots).
+
+  values (n, k) f32, indices (n, k) i32: slots [0, fill) hold active latents, the rest 0.
+  fill (n,) i32: filled slots. count (n,) i32: the row's exact number of active latents.
+  lost (n,) bool: the slots miss an active latent the row has (count > k, or a block or
+  kernel buffer overflowed), so the spill pass must redo the row. After ``fused_pass``
+  every row holds all its actives or its k largest, fill = min(count, k), and lost marks
+  the rows that were redone.
+  """
+
+  values: Array
+  indices: Array
+  fill: Array
+  count: Array
+  lost: Array
+
+
 # ------------------------------------------------------------------------------ planning
-
-
-def _dtype_name(dt) -> str:
-  return jnp.dtype(dt).name
-
-
-def _backend() -> str:
-  return jax.default_backend()
 
 
 def _largest_divisor_at_most(width: int, cap: int) -> int:
@@ -132,29 +165,29 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   block_width: the whole width when the (n, width) float32 pre-activations fit the
   backend's budget (e.g. at one token); else the largest divisor of width whose block of
   pre-activations (and on CPU, of copied w_enc columns) fits. A width with no reasonable
-  divisor uses blocks that overlap at the end (see ``_block_fn``).
+  divisor uses blocks that overlap at the end (see ``_block_reader``).
   block_k: how many active latents one row may have in one block before it spills; a
   generous multiple of the share of k that block should see on average.
-  weights: how a block of w_enc is read (``_weights_mode``): "slice" (XLA slices it; on
+  weights: how a block of w_enc is read (``Plan.weights``): "slice" (XLA slices it; on
   CPU a strided slice is copied), "in_place" (``cpu_kernels.matmul_bf16``: no copy, so
   only the pre-activations bound the block) or "copy" (widened into a float32 copy: never
   the whole array at once unless it fits the copy budget).
   """
-  if weights not in ("slice", "in_place", "copy"):
+  if weights not in WEIGHTS:
     raise ValueError(f"weights must be 'slice', 'in_place' or 'copy', not {weights!r}")
-  backend = backend or _backend()
+  backend = backend or jax.default_backend()
   if block_width is None:
     cpu = backend == "cpu"
-    one = 4 * n * width <= (_CPU_ONE_BLOCK_BYTES if cpu else _GPU_BLOCK_BYTES)
+    one = 4 * n * width <= (CPU_ONE_BLOCK_BYTES if cpu else GPU_BLOCK_BYTES)
     if one and weights != "copy":
       block_width = width  # One block: no weight slices at all (the common 1-token case).
     else:
       if cpu:
-        cap = _CPU_PRE_BYTES // (4 * n)
+        cap = CPU_PRE_BYTES // (4 * n)
         if weights != "in_place":
-          cap = min(cap, _cpu_weight_bytes(n) // (4 * d_in))
+          cap = min(cap, cpu_weight_bytes(n) // (4 * d_in))
       else:
-        cap = _GPU_BLOCK_BYTES // (4 * n)
+        cap = GPU_BLOCK_BYTES // (4 * n)
       cap = 1 << int(math.log2(max(128, cap)))
       block_width = _largest_divisor_at_most(width, cap)
       if block_width < cap // 4:  # An awkward width: use overlapping blocks instead.
@@ -167,53 +200,156 @@ def plan_blocks(n: int, d_in: int, width: int, k: int, block_width: int | None =
   return block_width, block_k
 
 
-def _weights_mode(w_enc: Array, n: int, cpu: bool | None, fuse: bool = True) -> str:
-  """How n rows read blocks of w_enc: bf16 on CPU through ``cpu_kernels`` ("in_place"
-  for up to MATMUL_BF16_ROWS rows, else "copy"), otherwise XLA slices ("slice")."""
-  if not _widens(w_enc, cpu):
-    return "slice"
-  return "in_place" if fuse and n <= cpu_kernels.MATMUL_BF16_ROWS else "copy"
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Everything the fused pass decides once per call (hashable: a jit static argument).
 
-
-def _plan(d: Dictionary, n: int, k: int, block_width, block_k, spill_rows,
-          backend: str) -> tuple[int, int, int, int]:
-  """(block_width, block_k, spill_rows, spill_block_width) for n rows on ``backend``.
-
-  The spill pass widens bf16 blocks into float32 copies (``_dense_rows``), so when the
-  encoder reads w_enc in place the spill plans its own, copy-sized blocks.
+  backend: "cpu", "gpu", "tpu" (budgets; the CPU kernels apply only to "cpu").
+  impl: "xla" or "pallas" / "pallas_interpret" (step 1 as the Pallas kernel, ``kernel``
+    its tiling; a shape the kernel refuses gets an "xla" plan).
+  width, k: the dictionary width and code slots the plan was made for.
+  block_width, block_k: w_enc columns per scan step, actives one row may have per block.
+  weights: how the encoder reads a block of w_enc: "slice" (XLA), "in_place"
+    (``cpu_kernels.matmul_bf16`` on bf16 w_enc) or "copy" (``cpu_kernels.widen_columns``
+    into a float32 block).
+  select: how a block's actives are picked: "ffi" (``cpu_kernels.select_active``, column
+    order), "top_k" (``lax.top_k`` by value) or "grouped" (top_k over 16-column group
+    maxima first, then over the chosen groups: for few, very wide rows).
+  spill_rows, spill_block_width, spill_weights: rows per step of the overflow pass, its
+    block width and how it reads w_enc ("slice" or "copy": never in place).
+  decode_chunk: code slots gathered per decode step (all k: no loop).
+  widen_dec: bf16 w_dec rows are read through ``cpu_kernels`` (gather_rows, widen_rows).
   """
-  cpu = backend == "cpu"
-  mode = _weights_mode(d.w_enc, n, cpu)
-  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, mode)
+
+  backend: str
+  impl: str
+  width: int
+  k: int
+  block_width: int
+  block_k: int
+  weights: str
+  select: str
+  spill_rows: int
+  spill_block_width: int
+  spill_weights: str
+  decode_chunk: int
+  widen_dec: bool
+  kernel: object = None  # pallas_encode.KernelPlan for the Pallas impls, else None.
+
+  @property
+  def num_blocks(self) -> int:
+    return -(-self.width // self.block_width)
+
+
+def _auto_spill_rows(n: int) -> int:
+  # A spill step costs a read of w_enc and w_dec plus 4 * R * d * width flops, whoever
+  # overflowed: R trades wasted rows when one token overflows (the usual case: a long
+  # tail of L0) against more steps when many do.
+  return int(max(1, min(n, max(8, n // 64))))
+
+
+def _decode_chunk(n: int, k: int, d_out: int, backend: str) -> int:
+  row_bytes = 4 * d_out * max(n, 1)
+  if backend == "cpu":
+    # All slots at once while small (no loop: XLA:CPU upcasts bf16 weights carried into
+    # a loop, a full copy of w_dec per call), else one slot a step.
+    chunk = k if k * row_bytes <= CPU_ONE_DECODE_BYTES else CPU_DECODE_BYTES // row_bytes
+  else:
+    chunk = GPU_DECODE_BYTES // row_bytes
+  return int(max(1, min(k, chunk)))
+
+
+def _grouped_fits(block_width: int, kb: int) -> bool:
+  return block_width % _GROUP == 0 and kb <= block_width // _GROUP
+
+
+def make_plan(d: Dictionary, n: int, k: int = 256, *, backend: str | None = None,
+              impl: str | None = None, block_width: int | None = None,
+              block_k: int | None = None, spill_rows: int | None = None,
+              weights: str | None = None, select: str | None = None,
+              use_cpu_kernels: bool = True, kernel: dict | None = None) -> Plan:
+  """The plan for n rows of d with k code slots; None arguments take the defaults.
+
+  backend: default ``jax.default_backend()`` ("gpu" for impl="pallas", which targets a
+  GPU). impl: default Pallas on GPU up to PALLAS_MAX_TOKENS rows, else XLA.
+  use_cpu_kernels=False keeps every ``cpu_kernels`` call out (the path GPUs, TPUs and CPUs
+  without a compiler take). weights / select force one reading / selection path; a path
+  the shapes or backend cannot take is a ValueError. kernel: Pallas tiling overrides
+  (``pallas_encode.plan`` keywords).
+  Only d's shapes and dtypes are read: d may hold ``jax.ShapeDtypeStruct`` leaves.
+  """
+  if impl not in (None, *IMPLS):
+    raise ValueError(f"impl must be None, 'xla', 'pallas' or 'pallas_interpret', not {impl!r}")
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
+  k, n = int(k), max(1, int(n))
+  if backend is None:
+    backend = "gpu" if impl == "pallas" else jax.default_backend()
+  if impl is None:
+    impl = "pallas" if backend == "gpu" and n <= PALLAS_MAX_TOKENS else "xla"
+  kernel_plan = None
+  if impl != "xla":
+    from dictlearn import pallas_encode
+    kernel_plan = pallas_encode.plan(n, d.d_in, d.width, k, **(kernel or {}))
+    if kernel_plan is None:  # Shapes the kernel does not take: the XLA path.
+      impl = "xla"
+  kernels = use_cpu_kernels and backend == "cpu" and cpu_kernels.available()
+  widen_enc = kernels and d.w_enc.dtype == jnp.bfloat16
+  if weights is None:
+    weights = ("slice" if not widen_enc else
+               "in_place" if n <= cpu_kernels.MATMUL_BF16_ROWS else "copy")
+  if weights not in WEIGHTS:
+    raise ValueError(f"weights must be 'slice', 'in_place' or 'copy', not {weights!r}")
+  if weights != "slice" and not widen_enc:
+    raise ValueError(f"weights={weights!r} needs bf16 w_enc and the CPU kernels on a CPU")
+  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, weights)
   sr = int(min(spill_rows or _auto_spill_rows(n), n))
+  # The spill pass widens bf16 blocks into float32 copies (``_dense_rows``), so when the
+  # encoder reads w_enc in place the spill plans its own, copy-sized blocks.
+  spill_weights = "slice" if weights == "slice" else "copy"
   spill_bw = bw
-  if mode == "in_place":
+  if weights == "in_place":
     spill_bw = plan_blocks(sr, d.d_in, d.width, k, block_width, None, backend, "copy")[0]
-  return bw, bk, sr, spill_bw
+  kb = min(k, d.width) if bw == d.width else bk  # Slots one block's selection fills.
+  if select is None:
+    select = ("ffi" if kernels and d.width % bw == 0 else
+              "grouped" if _grouped_fits(bw, kb) and bw // _GROUP >= 16 * kb else "top_k")
+  if select not in SELECTS:
+    raise ValueError(f"select must be 'ffi', 'top_k' or 'grouped', not {select!r}")
+  if select == "ffi" and not (kernels and d.width % bw == 0):
+    raise ValueError("select='ffi' needs the CPU kernels on a CPU and blocks that tile "
+                     "the width")
+  if select == "grouped" and not _grouped_fits(bw, kb):
+    raise ValueError(f"select='grouped' needs a block width divisible by {_GROUP} with at "
+                     f"least {kb} groups, not {bw}")
+  return Plan(backend=backend, impl=impl, width=d.width, k=k, block_width=bw, block_k=bk,
+              weights=weights, select=select, spill_rows=sr, spill_block_width=spill_bw,
+              spill_weights=spill_weights,
+              decode_chunk=_decode_chunk(n, k, d.d_out, backend),
+              widen_dec=kernels and d.w_dec.dtype == jnp.bfloat16, kernel=kernel_plan)
 
 
 # ---------------------------------------------------------------------- block machinery
 
 
-def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
-              cpu: bool | None = None, fuse: bool = True):
-  """Returns (num_blocks, get): get(j) -> (pre (n, B) f32, t (B,), start, valid_from).
+def _block_reader(d: Dictionary, x: Array, plan: Plan, compute_dtype, spill: bool = False):
+  """Returns get(j) -> (pre (n, B) f32, t (B,), start, valid_from) for block j.
 
-  pre = x @ w_enc[:, block] + b_enc[block]. How the block of w_enc is read:
-  - float32 (or not on CPU): when B divides the width, w_enc is viewed as (d_in, nb, B)
-    and indexed, a free reshape from which XLA slices each block; otherwise the last
-    block is clamped to end at the width and ``valid_from`` masks the columns that the
-    previous block already covered (valid_from is None when blocks do not overlap).
-  - bf16 on CPU, up to MATMUL_BF16_ROWS rows (unless ``fuse`` is off):
-    ``cpu_kernels.matmul_bf16`` reads the bf16 block in place.
-  - bf16 on CPU, more rows: ``cpu_kernels.widen_columns`` makes a float32 copy of the
-    block for XLA's dot. Either way XLA never converts the whole array.
+  pre = x @ w_enc[:, block] + b_enc[block], B the plan's block width (the spill's when
+  ``spill``). How the block of w_enc is read (``plan.weights``, ``plan.spill_weights``):
+  - "slice": when B divides the width, w_enc is viewed as (d_in, nb, B) and indexed, a
+    free reshape from which XLA slices each block; otherwise the last block is clamped to
+    end at the width and ``valid_from`` masks the columns that the previous block already
+    covered (valid_from is None when blocks do not overlap).
+  - "in_place": ``cpu_kernels.matmul_bf16`` reads the bf16 block in place.
+  - "copy": ``cpu_kernels.widen_columns`` makes a float32 copy of the block for XLA's dot.
+  Either CPU kernel way, XLA never converts the whole array.
   """
   w_enc, b_enc, threshold = d.w_enc, d.b_enc, d.threshold
   d_in, width = w_enc.shape
-  bw = block_width
+  bw = plan.spill_block_width if spill else plan.block_width
+  mode = plan.spill_weights if spill else plan.weights
   nb = -(-width // bw)
-  mode = _weights_mode(w_enc, x.shape[0], cpu, fuse)
   if mode != "slice" or width % bw:
     # matmul_bf16 takes float32 x: rounded to compute_dtype first, as matmul does.
     xr = x.astype(compute_dtype).astype(jnp.float32) if mode == "in_place" else None
@@ -229,7 +365,7 @@ def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
       pre = pre + lax.dynamic_slice_in_dim(b_enc, start, bw, 0).astype(jnp.float32)
       return (pre, lax.dynamic_slice_in_dim(threshold, start, bw, 0), start,
               None if width % bw == 0 else j * bw)
-    return nb, get
+    return get
 
   w3 = w_enc.reshape(d_in, nb, bw)
   b2 = b_enc.reshape(nb, bw)
@@ -240,7 +376,7 @@ def _block_fn(d: Dictionary, x: Array, block_width: int, compute_dtype,
     pre = matmul(x, w, compute_dtype) + lax.dynamic_index_in_dim(b2, j, 0, keepdims=False
                                                                  ).astype(jnp.float32)
     return pre, lax.dynamic_index_in_dim(t2, j, 0, keepdims=False), j * bw, None
-  return nb, get
+  return get
 
 
 def _active(pre, t, start, valid_from):
@@ -252,11 +388,14 @@ def _active(pre, t, start, valid_from):
   return act
 
 
+# ----------------------------------------------------------------------------- selection
+
+
 def _append(buf_v, buf_i, fill, v, i, c, k):
   """Appends the first c of (v, i) (n, kb) to each row's buffer (n, k) after ``fill``.
 
-  A scatter of n * kb slots (those past c or k go out of bounds and are dropped): 4x
-  cheaper on CPU than rebuilding the (n, k) buffer with a gather per block.
+  A scatter of n * kb slots (those past c or k go out of bounds and are dropped): on CPU
+  much cheaper than rebuilding the (n, k) buffer with a gather per block.
   """
   n, kb = v.shape
   slot = lax.iota(jnp.int32, kb)[None, :]
@@ -268,27 +407,24 @@ def _append(buf_v, buf_i, fill, v, i, c, k):
   return buf_v, buf_i, jnp.minimum(fill + c, k)
 
 
-_GROUP = 16  # Columns per group in the two-stage block selection.
-
-
-def _block_candidates(pre: Array, act: Array, kb: int):
+def _block_candidates(pre: Array, act: Array, kb: int, grouped: bool):
   """Up to kb active latents per row of one block: (values (n, kb), cols (n, kb), missed).
 
   Actives come first (by value), inactive slots follow with value -inf. ``missed`` (n,)
   flags rows with an active latent left out. The path without ``cpu_kernels`` (GPU, TPU,
-  CPU without a compiler); XLA:CPU's top_k costs ~3 ns per element. Very wide blocks (the one-block, few
-  token case) are cut into groups of 16 columns: a vectorised max per group, top_k over
-  the group maxima picks the kb groups holding actives, and a top_k over those kb * 16
-  values picks the latents; exact whenever a row has at most kb active groups (else
-  ``missed``). With many rows the group gather costs more than it saves.
+  CPU without a compiler). ``grouped``: the block is cut into groups of 16 columns: a
+  vectorised max per group, top_k over the group maxima picks the kb groups holding
+  actives, and a top_k over those kb * 16 values picks the latents; exact whenever a row
+  has at most kb active groups (else ``missed``). It pays on few, very wide rows (the
+  one-block, few token case); with many rows the group gather costs more than it saves.
   """
   n, bw = pre.shape
   key = jnp.where(act, pre, -jnp.inf)  # Actives are > threshold >= -inf: they sort first.
   c = act.sum(-1, dtype=jnp.int32)
-  g = _GROUP
-  if bw % g or bw // g < 16 * kb:  # The group gather only pays on few, wide rows.
+  if not grouped:
     v, i = lax.top_k(key, kb)
     return v, i.astype(jnp.int32), c > kb
+  g = _GROUP
   key3 = key.reshape(n, bw // g, g)
   gmax = key3.max(-1)
   _, gi = lax.top_k(gmax, kb)
@@ -299,43 +435,27 @@ def _block_candidates(pre: Array, act: Array, kb: int):
   return v, col.astype(jnp.int32), (c > kb) | (groups > kb)
 
 
-def _is_cpu(cpu: bool | None) -> bool:
-  """The CPU kernels apply to CPU targets; None: the default backend decides."""
-  return _backend() == "cpu" if cpu is None else cpu
-
-
-def _use_cpu_kernel(width: int, block_width: int, cpu: bool | None = None) -> bool:
-  """Compaction by ``cpu_kernels`` (a CPU target, kernels built, blocks tile the width)."""
-  return _is_cpu(cpu) and width % block_width == 0 and cpu_kernels.available()
-
-
-def _widens(w: Array, cpu: bool | None = None) -> bool:
-  """Reads of w go through ``cpu_kernels``' widening (bf16 w, a CPU target, kernels built)."""
-  return _is_cpu(cpu) and cpu_kernels.widens(w)
-
-
-def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: int,
-                   compute_dtype, cpu: bool | None = None):
-  """The fused sparse encoder: (values, indices, fill, count, lost), all per row.
+def select_blocks(d: Dictionary, x: Array, plan: Plan, compute_dtype=jnp.float32
+                  ) -> Selection:
+  """The XLA sparse encoder over x (n, d_in): the plan's blocks, its selection.
 
   ``lost`` marks rows whose buffer misses an active latent (count > k, or a block with
-  more than block_k): exactly the rows the spill pass must redo. On CPU each block's
-  actives are compacted by the ``cpu_kernels`` kernel (column order), elsewhere picked
-  by ``_block_candidates`` (value order); codes are in no particular order either way.
+  more than block_k): exactly the rows the spill pass must redo. Codes are in no
+  particular order ("ffi" compacts in column order, the top_k paths by value).
   """
   n = x.shape[0]
-  width = d.width
-  nb, get = _block_fn(d, x, block_width, compute_dtype, cpu)
-  kernel = _use_cpu_kernel(width, block_width, cpu)
+  k, width, block_k = plan.k, d.width, plan.block_k
+  nb = plan.num_blocks
+  get = _block_reader(d, x, plan, compute_dtype)
 
   def candidates(j, kb):
     """Block j: (values (n, kb), cols in the block (n, kb), count (n,), missed (n,), start)."""
     pre, t, start, valid_from = get(j)
-    if kernel:
+    if plan.select == "ffi":
       v, i, c = cpu_kernels.select_active(pre, t, kb)
       return v, i, c, c > kb, start
     act = _active(pre, t, start, valid_from)
-    v, i, missed = _block_candidates(pre, act, kb)
+    v, i, missed = _block_candidates(pre, act, kb, plan.select == "grouped")
     return v, i, act.sum(-1, dtype=jnp.int32), missed, start
 
   if nb == 1:
@@ -348,8 +468,7 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
     if kk < k:
       v = jnp.pad(v, ((0, 0), (0, k - kk)))
       i = jnp.pad(i, ((0, 0), (0, k - kk)))
-    fill = jnp.minimum(count, k)
-    return v, i, fill, count, missed
+    return Selection(v, i, jnp.minimum(count, k), count, missed)
 
   def body(carry, j):
     buf_v, buf_i, fill, count, lost = carry
@@ -360,21 +479,21 @@ def _select_blocks(d: Dictionary, x: Array, k: int, block_width: int, block_k: i
 
   init = (jnp.zeros((n, k), jnp.float32), jnp.zeros((n, k), jnp.int32),
           jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), bool))
-  (v, i, fill, count, lost), _ = lax.scan(body, init, jnp.arange(nb))
-  return v, i, fill, count, lost
+  carry, _ = lax.scan(body, init, jnp.arange(nb))
+  return Selection(*carry)
 
 
 # -------------------------------------------------------------------------------- decode
 
 
-def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | None,
-                  compute_dtype, cpu: bool | None = None) -> Array:
+def decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | None,
+                 plan: Plan, compute_dtype=jnp.float32) -> Array:
   """sum_j values[:, j] * w_dec[indices[:, j]] over the filled slots: (n, d_out) f32.
 
-  Slots are taken ``chunk`` at a time ((n, chunk, d_out) gathered rows within the
-  backend's budget), and only up to the fullest row, so short rows cost what they hold.
-  Operands are rounded to compute_dtype and multiplied in float32, which is what a
-  compute_dtype matmul with float32 accumulation does.
+  Slots are taken ``plan.decode_chunk`` at a time ((n, chunk, d_out) gathered rows), and
+  only up to the fullest row, so short rows cost what they hold. Operands are rounded to
+  compute_dtype and multiplied in float32, which is what a compute_dtype matmul with
+  float32 accumulation does. No b_dec, no skip (``dictionary.add_bias_and_skip``).
   """
   n, k = values.shape
   d_out = w_dec.shape[1]
@@ -382,19 +501,10 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
   vals = values.astype(cd).astype(jnp.float32)
   if fill is not None:
     vals = jnp.where(lax.iota(jnp.int32, k)[None, :] < fill[:, None], vals, 0.0)
-  row_bytes = 4 * d_out * max(n, 1)
-  if _backend() == "cpu":
-    # All slots at once while small (no loop: XLA:CPU upcasts bf16 weights carried into
-    # a loop, a full copy of w_dec per call), else one slot a step.
-    chunk = k if k * row_bytes <= _CPU_ONE_DECODE_BYTES else _CPU_DECODE_BYTES // row_bytes
-  else:
-    chunk = _GPU_DECODE_BYTES // row_bytes
-  chunk = int(max(1, min(k, chunk)))
-
-  widen = _widens(w_dec, cpu)
+  chunk = max(1, min(k, plan.decode_chunk))
 
   def part(v, i):  # v, i: (n, c)
-    rows = (cpu_kernels.gather_rows(w_dec, i) if widen
+    rows = (cpu_kernels.gather_rows(w_dec, i) if plan.widen_dec
             else jnp.take(w_dec, i, axis=0, mode="clip"))
     rows = rows.astype(cd).astype(jnp.float32)
     return jnp.einsum("nc,ncd->nd", v, rows, precision=lax.Precision.HIGHEST)
@@ -415,38 +525,29 @@ def _decode_codes(w_dec: Array, values: Array, indices: Array, fill: Array | Non
   return lax.fori_loop(0, steps, body, jnp.zeros((n, d_out), jnp.float32))
 
 
-def _bias_and_skip(d: Dictionary, x: Array, y: Array, compute_dtype) -> Array:
-  y = y + d.b_dec.astype(jnp.float32)
-  if d.w_skip is not None:
-    y = y + matmul(x, d.w_skip, compute_dtype)
-  return y
-
-
 # ---------------------------------------------------------------------------- spill pass
 
 
-def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype,
-                with_y: bool, cpu: bool | None):
+def _dense_rows(d: Dictionary, x: Array, plan: Plan, compute_dtype, with_y: bool):
   """Exact blocked dense pass for a few rows: (y_partial (R, d_out) | None, v, i).
 
   y_partial excludes b_dec and the skip term. Codes are the row's k largest activations
   (merged block by block with top_k), padded with value 0 / index 0 past the count.
   """
   r = x.shape[0]
-  width = d.width
-  # Copied blocks (fuse=False): the spill's blocks are sized for copies (see ``_plan``).
-  nb, get = _block_fn(d, x, block_width, compute_dtype, cpu, fuse=False)
-  kb = min(k, block_width)
-  widen = _widens(d.w_dec, cpu)
-  dec3 = (d.w_dec.reshape(nb, block_width, -1)
-          if width % block_width == 0 and not widen else None)
+  k, width, bw = plan.k, d.width, plan.spill_block_width
+  nb = -(-width // bw)
+  get = _block_reader(d, x, plan, compute_dtype, spill=True)
+  kb = min(k, bw)
+  widen = plan.widen_dec
+  dec3 = d.w_dec.reshape(nb, bw, -1) if width % bw == 0 and not widen else None
 
   def dec_block(j, start):
     if widen:
-      return cpu_kernels.widen_rows(d.w_dec, start, block_width)
+      return cpu_kernels.widen_rows(d.w_dec, start, bw)
     if dec3 is not None:
       return lax.dynamic_index_in_dim(dec3, j, 0, keepdims=False)
-    return lax.dynamic_slice_in_dim(d.w_dec, start, block_width, 0)
+    return lax.dynamic_slice_in_dim(d.w_dec, start, bw, 0)
 
   def body(carry, j):
     y, buf_v, buf_i = carry
@@ -470,9 +571,8 @@ def _dense_rows(d: Dictionary, x: Array, k: int, block_width: int, compute_dtype
 
 
 def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: Array,
-           k: int, block_width: int, spill_rows: int, compute_dtype,
-           cpu: bool | None = None):
-  """Redoes the rows flagged in ``need`` exactly, spill_rows at a time.
+           plan: Plan, compute_dtype):
+  """Redoes the rows flagged in ``need`` exactly, plan.spill_rows at a time.
 
   The trip count is ceil(sum(need) / spill_rows): zero when nothing overflowed. Flagged
   row numbers are packed to the front with a stable argsort; each step gathers the next
@@ -480,7 +580,7 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
   n and are dropped).
   """
   n = x.shape[0]
-  r = spill_rows
+  r = plan.spill_rows
   num = need.sum(dtype=jnp.int32)
   order = jnp.argsort(jnp.logical_not(need), stable=True).astype(jnp.int32)
   groups = -(-n // r)
@@ -495,7 +595,7 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
     # Tie the rows to the step: with one token the gather folds away, the dense pass looks
     # loop-invariant, and XLA would hoist it out of the loop and run it even at 0 steps.
     xr, _ = lax.optimization_barrier((xr, g))
-    yr, vr, ir = _dense_rows(d, xr, k, block_width, compute_dtype, with_y, cpu)
+    yr, vr, ir = _dense_rows(d, xr, plan, compute_dtype, with_y)
     v = v.at[rows].set(vr, mode="drop")
     i = i.at[rows].set(ir, mode="drop")
     if with_y:
@@ -509,102 +609,79 @@ def _spill(d: Dictionary, x: Array, need: Array, y: Array | None, v: Array, i: A
                   (y, v, i))
 
 
-def _auto_spill_rows(n: int) -> int:
-  # A spill step costs a read of w_enc and w_dec plus 4 * R * d * width flops, whoever
-  # overflowed: R trades wasted rows when one token overflows (the usual case: a long
-  # tail of L0) against more steps when many do. n/64, at least 8: one overflowed row
-  # among 1024 costs ~3% of the encoder matmul.
-  return int(max(1, min(n, max(8, n // 64))))
+# ----------------------------------------------------------------------- the fused pass
 
 
-# ------------------------------------------------------------------------------ the core
+def fused_pass(d: Dictionary, x2: Array, plan: Plan, compute_dtype=jnp.float32,
+               with_y: bool = True) -> tuple[Array | None, Selection]:
+  """Steps 1-3 on x2 (n, d_in): (y_partial (n, d_out) f32 | None, Selection after spill).
 
-
-def _core(d: Dictionary, x2: Array, *, k: int, block_width: int | None,
-          block_k: int | None, spill_rows: int | None, compute_dtype: str, impl: str,
-          with_y: bool, kernel: tuple = ()):
-  """Flattened core: x2 (n, d_in) -> (y (n, d_out) | None, SparseCodes over n rows)."""
-  n = x2.shape[0]
+  y_partial is the exact decode of the active latents, without b_dec and the skip term
+  (``dictionary.add_bias_and_skip`` adds them; a width-sharded caller sums the shards'
+  partials first). The Selection holds every row's actives, or its k largest.
+  """
   cd = jnp.dtype(compute_dtype)
-  backend = "gpu" if impl == "pallas" else _backend()
-  cpu = backend == "cpu"
-  bw, bk, sr, spill_bw = _plan(d, n, k, block_width, block_k, spill_rows, backend)
-  selected = None
-  if impl in ("pallas", "pallas_interpret"):
+  if plan.impl == "xla":
+    sel = select_blocks(d, x2, plan, cd)
+  else:
     from dictlearn import pallas_encode
-    selected = pallas_encode.select(d, x2, k=k, compute_dtype=cd,
-                                    interpret=impl == "pallas_interpret",
-                                    **dict(kernel or ()))
-  if selected is None:  # XLA path, or shapes the kernel does not take.
-    selected = _select_blocks(d, x2, k, bw, bk, cd, cpu)
-  v, i, fill, count, lost = selected
-  y = None
-  if with_y:
-    y = _decode_codes(d.w_dec, v, i, fill, cd, cpu)
-  y, v, i = _spill(d, x2, lost, y, v, i, k, spill_bw, sr, cd, cpu)
-  if with_y:
-    y = _bias_and_skip(d, x2, y, cd)
-  codes = SparseCodes(values=v, indices=i, count=count, overflow=count > k)
-  return y, codes
+    sel = pallas_encode.select(d, x2, plan.kernel, k=plan.k, compute_dtype=cd,
+                               interpret=plan.impl == "pallas_interpret")
+  y = decode_codes(d.w_dec, sel.values, sel.indices, sel.fill, plan, cd) if with_y else None
+  y, v, i = _spill(d, x2, sel.lost, y, sel.values, sel.indices, plan, cd)
+  return y, Selection(v, i, jnp.minimum(sel.count, plan.k), sel.count, sel.lost)
 
 
-# Up to this many tokens the Pallas kernel is the GPU default; above, cuBLAS-backed XLA
-# blocks. A guess until measured on the GPU (benchmarks/run_gpu.sh prints both).
-PALLAS_MAX_TOKENS = 256
+# ---------------------------------------------------------------------------- public API
 
 
-def _resolve_impl(impl: str | None, x=None) -> str:
-  if impl is None:
-    n = 1 if x is None else int(np.prod(x.shape[:-1]))
-    impl = "pallas" if _backend() == "gpu" and n <= PALLAS_MAX_TOKENS else "xla"
-  if impl not in ("xla", "pallas", "pallas_interpret"):
-    raise ValueError(f"impl must be None, 'xla', 'pallas' or 'pallas_interpret', not {impl!r}")
-  return impl
-
-
-def _reshape_out(y, codes: SparseCodes, lead, d_out):
-  k = codes.values.shape[-1]
-  codes = SparseCodes(values=codes.values.reshape(*lead, k),
-                      indices=codes.indices.reshape(*lead, k),
-                      count=codes.count.reshape(lead), overflow=codes.overflow.reshape(lead))
-  return (None if y is None else y.reshape(*lead, d_out)), codes
-
-
-def _run(d, x, *, k, block_width, block_k, spill_rows, compute_dtype, impl, with_y,
-         kernel=()):
+def _run(d, x, *, plan: Plan, compute_dtype: str, with_y: bool):
   lead = x.shape[:-1]
   n = int(np.prod(lead)) if lead else 1
-  x2 = x.reshape(n, x.shape[-1])
+  k = plan.k
   if n == 0:
-    y = jnp.zeros((0, d.d_out), jnp.float32)
     e = jnp.zeros((0, k))
+    y = jnp.zeros((0, d.d_out), jnp.float32) if with_y else None
     codes = SparseCodes(e.astype(jnp.float32), e.astype(jnp.int32),
                         jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool))
   else:
-    y, codes = _core(d, x2, k=k, block_width=block_width, block_k=block_k,
-                     spill_rows=spill_rows, compute_dtype=compute_dtype, impl=impl,
-                     with_y=with_y, kernel=kernel)
-  return _reshape_out(y, codes, lead, d.d_out)
+    x2 = x.reshape(n, x.shape[-1])
+    cd = jnp.dtype(compute_dtype)
+    y, sel = fused_pass(d, x2, plan, cd, with_y)
+    if with_y:
+      y = add_bias_and_skip(d, y, x2, cd)
+    codes = SparseCodes(values=sel.values, indices=sel.indices, count=sel.count,
+                        overflow=sel.count > k)
+  return (None if y is None else y.reshape(*lead, d.d_out)), codes.reshape(*lead)
 
 
-_STATIC = ("k", "block_width", "block_k", "spill_rows", "compute_dtype", "impl", "with_y",
-           "kernel")
+_STATIC = ("plan", "compute_dtype", "with_y")
 _run_jit = jax.jit(_run, static_argnames=_STATIC)
 # Donating x lets XLA write y into x's buffer (SAEs: same shape and dtype) and free it early.
 _run_jit_donate = jax.jit(_run, static_argnames=_STATIC, donate_argnames=("x",))
 
 
-def _check(d: Dictionary, x: Array, k: int):
-  check_input(d, x, bf16_ok=_widens(d.w_enc))
-  if not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
+def _plan_for(d: Dictionary, x: Array, k, plan: Plan | None, **options) -> Plan:
+  """The call's plan (given, or made from the options), checked; then x is checked."""
+  if plan is None:
+    n = int(np.prod(x.shape[:-1])) if x.ndim > 1 else 1
+    plan = make_plan(d, n, k, **options)
+  else:
+    given = sorted(name for name, v in options.items() if v is not None)
+    if given:
+      raise ValueError(f"pass either plan= or {', '.join(given)}, not both")
+    if plan.k != k or plan.width != d.width:
+      raise ValueError(f"the plan is for k={plan.k}, width={plan.width}; this call has "
+                       f"k={k!r}, width={d.width}")
+  check_input(d, x, bf16_ok=plan.weights != "slice")
+  return plan
 
 
 def encode_decode(d: Dictionary, x: Array, *, k: int = 256, block_width: int | None = None,
                   block_k: int | None = None, spill_rows: int | None = None,
                   compute_dtype=jnp.float32, impl: str | None = None,
-                  donate: bool = False, kernel: dict | None = None
-                  ) -> tuple[Array, SparseCodes]:
+                  donate: bool = False, kernel: dict | None = None,
+                  plan: Plan | None = None) -> tuple[Array, SparseCodes]:
   """Fused forward: (y (..., d_out) float32, SparseCodes with k slots per row).
 
   Equals ``forward(d, x, compute_dtype=...)`` for every input (rows with more than k active
@@ -626,38 +703,37 @@ def encode_decode(d: Dictionary, x: Array, *, k: int = 256, block_width: int | N
       the kernel does not take (see ``pallas_encode``) use the XLA path.
     donate: donate x's buffer to the call (only when you no longer need x).
     kernel: Pallas tiling overrides (``pallas_encode.plan`` keywords), for tuning.
+    plan: a ``make_plan`` result (instead of block_width ... kernel) choosing every path.
   """
-  _check(d, x, k)
+  plan = _plan_for(d, x, k, plan, block_width=block_width, block_k=block_k,
+                   spill_rows=spill_rows, impl=impl, kernel=kernel)
   fn = _run_jit_donate if donate else _run_jit
-  return fn(d, x, k=int(k), block_width=block_width, block_k=block_k,
-            spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
-            impl=_resolve_impl(impl, x), with_y=True,
-            kernel=tuple(sorted((kernel or {}).items())))
+  return fn(d, x, plan=plan, compute_dtype=jnp.dtype(compute_dtype).name, with_y=True)
 
 
 def encode_sparse(d: Dictionary, x: Array, *, k: int = 256, block_width: int | None = None,
                   block_k: int | None = None, spill_rows: int | None = None,
-                  compute_dtype=jnp.float32, impl: str | None = None) -> SparseCodes:
+                  compute_dtype=jnp.float32, impl: str | None = None,
+                  plan: Plan | None = None) -> SparseCodes:
   """The active latents of x (..., d_in) as SparseCodes (k slots per row), blockwise.
 
-  Overflowed rows (count > k) hold their k largest activations.
+  Overflowed rows (count > k) hold their k largest activations. Arguments as
+  ``encode_decode``.
   """
-  _check(d, x, k)
-  return _run_jit(d, x, k=int(k), block_width=block_width, block_k=block_k,
-                  spill_rows=spill_rows, compute_dtype=_dtype_name(compute_dtype),
-                  impl=_resolve_impl(impl, x), with_y=False)[1]
+  plan = _plan_for(d, x, k, plan, block_width=block_width, block_k=block_k,
+                   spill_rows=spill_rows, impl=impl)
+  return _run_jit(d, x, plan=plan, compute_dtype=jnp.dtype(compute_dtype).name,
+                  with_y=False)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def _decode_sparse_jit(d, codes, x, compute_dtype):
+@functools.partial(jax.jit, static_argnames=("plan", "compute_dtype"))
+def _decode_sparse_jit(d, codes, x, plan, compute_dtype):
   lead = codes.values.shape[:-1]
   k = codes.values.shape[-1]
-  v = codes.values.reshape(-1, k)
-  i = codes.indices.reshape(-1, k)
-  y = _decode_codes(d.w_dec, v, i, None, jnp.dtype(compute_dtype))
-  y = y + d.b_dec.astype(jnp.float32)
-  if d.w_skip is not None:
-    y = y + matmul(x.reshape(-1, d.d_in), d.w_skip, jnp.dtype(compute_dtype))
+  cd = jnp.dtype(compute_dtype)
+  y = decode_codes(d.w_dec, codes.values.reshape(-1, k), codes.indices.reshape(-1, k),
+                   None, plan, cd)
+  y = add_bias_and_skip(d, y, None if x is None else x.reshape(-1, d.d_in), cd)
   return y.reshape(*lead, d.d_out)
 
 
@@ -675,4 +751,7 @@ def decode_sparse(d: Dictionary, codes: SparseCodes, x: Array | None = None, *,
   if codes.indices.shape != codes.values.shape:
     raise ValueError(f"codes.indices {codes.indices.shape} and codes.values "
                      f"{codes.values.shape} must have the same shape")
-  return _decode_sparse_jit(d, codes, x, compute_dtype=_dtype_name(compute_dtype))
+  n = int(np.prod(codes.values.shape[:-1]))
+  plan = make_plan(d, n, codes.values.shape[-1], impl="xla")
+  return _decode_sparse_jit(d, codes, x, plan=plan,
+                            compute_dtype=jnp.dtype(compute_dtype).name)

@@ -66,16 +66,13 @@ def test_kernel_and_top_k_selection_find_the_same_latents(regime, n, width, bw, 
   d = make_dictionary(seed, 12, width, dtype=dtype, threshold=REGIMES[regime])
   x = inputs(seed, (n,), 12)
 
-  def select(use_kernel):
-    orig = sparse._use_cpu_kernel
-    sparse._use_cpu_kernel = lambda *a: use_kernel
-    try:  # A fresh function: traced now, under the patch.
-      return jax.jit(lambda d, x: sparse._select_blocks(d, x, k, bw, bk, jnp.float32))(d, x)
-    finally:
-      sparse._use_cpu_kernel = orig
+  def select(how):  # Same blocks and weight reads; only the selection differs.
+    plan = sparse.make_plan(d, n, k, backend="cpu", impl="xla", block_width=bw,
+                            block_k=bk, select=how)
+    return jax.jit(lambda d, x: sparse.select_blocks(d, x, plan))(d, x)
 
-  kv, ki, kfill, kcount, klost = select(True)
-  tv, ti, tfill, tcount, tlost = select(False)
+  kv, ki, kfill, kcount, klost = select("ffi")
+  tv, ti, tfill, tcount, tlost = select("top_k")
   for a, b in ((kfill, tfill), (kcount, tcount), (klost, tlost)):
     np.testing.assert_array_equal(a, b)
   for r in np.nonzero(~np.asarray(klost))[0]:  # Rows whose buffers hold every active latent.
@@ -149,9 +146,11 @@ def test_bf16_encoder_reads_weights_in_place_for_few_rows(n, fused):
   hlo = fn.lower(d, x).as_text()
   assert ("dictlearn_matmul_bf16" in hlo) == fused
   assert "dictlearn_widen_columns" in hlo  # The spill pass widens copied blocks.
-  bw, _, _, spill_bw = sparse._plan(d, n, 16, None, None, None, "cpu")
-  assert bw == d.width or not fused  # 8 MiB of w_enc: one block only when read in place.
-  assert spill_bw < d.width and spill_bw * 4 * d.d_in <= sparse._cpu_weight_bytes(n)
+  p = sparse.make_plan(d, n, 16, backend="cpu")
+  assert p.weights == ("in_place" if fused else "copy") and p.spill_weights == "copy"
+  assert p.block_width == d.width or not fused  # 8 MiB of w_enc: one block only in place.
+  assert (p.spill_block_width < d.width
+          and p.spill_block_width * 4 * d.d_in <= sparse.cpu_weight_bytes(n))
   y, codes = fn(d, x)
   assert np.asarray(codes.overflow).any()
   f32 = d.astype(jnp.float32)
@@ -166,16 +165,12 @@ def test_xla_path_without_kernels_equals_forward(regime, kind, dtype, seed):
   # The path GPUs and TPUs take, and CPUs without a compiler: no custom calls at all.
   d = make_dictionary(seed, 12, 256, kind=kind, dtype=dtype, threshold=REGIMES[regime])
   x = inputs(seed, (9,), 12)
-  orig = sparse._use_cpu_kernel, cpu_kernels.widens
-  sparse._use_cpu_kernel, cpu_kernels.widens = (lambda *a: False), (lambda w: False)
-  try:
-    fn = jax.jit(lambda d, x: sparse._run(
-        d, x, k=8, block_width=64, block_k=4, spill_rows=3, compute_dtype="float32",
-        impl="xla", with_y=True))
-    assert "custom_call" not in fn.lower(d, x).as_text()
-    y, codes = fn(d, x)
-  finally:
-    sparse._use_cpu_kernel, cpu_kernels.widens = orig
+  plan = sparse.make_plan(d, 9, 8, backend="cpu", impl="xla", block_width=64, block_k=4,
+                          spill_rows=3, use_cpu_kernels=False)
+  assert plan.weights == "slice" and plan.select != "ffi" and not plan.widen_dec
+  fn = jax.jit(lambda d, x: dl.encode_decode(d, x, k=8, plan=plan))
+  assert "custom_call" not in fn.lower(d, x).as_text()
+  y, codes = fn(d, x)
   want = jax.jit(dl.forward)(d, x)
   np.testing.assert_allclose(y, want, rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
   np.testing.assert_array_equal(codes.count, (dl.encode(d, x) != 0).sum(-1))

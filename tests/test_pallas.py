@@ -17,7 +17,7 @@ from sparse_helpers import assert_close, check_codes, inputs, make_dictionary, m
 CASES = [
     # kind, d_in, width, tokens, dtype, threshold, k, kernel overrides
     ("sae", 32, 512, 5, "float32", 2.0, 32, {}),
-    ("affine", 40, 256, 20, "bfloat16", 1.5, 16, dict(block_k=16, splits=2)),
+    ("affine", 40, 256, 20, "bfloat16", 1.5, 16, dict(d_chunk=16, splits=2)),
     ("sae", 16, 1024, 3, "float32", 2.0, 16, dict(splits=4, capacity=4, block_width=64)),
 ]
 
@@ -35,7 +35,8 @@ def test_pallas_interpret_matches_reference(case):
   check_codes(codes, dl.encode(d, x), k, 1e-5)
   # The raw kernel output: every row whose split buffers held all its actives is exact
   # before any repair, and the lost flag is set exactly where they did not.
-  v, i, fill, count, lost = pallas_encode.select(d, x, k=k, interpret=True, **kernel)
+  p = pallas_encode.plan(n, d_in, width, k, **kernel)
+  v, i, fill, count, lost = pallas_encode.select(d, x, p, k=k, interpret=True)
   f = np.asarray(dl.encode(d, x))
   np.testing.assert_array_equal(count, (f != 0).sum(-1))
   ok = ~np.asarray(lost)
@@ -49,9 +50,9 @@ def test_pallas_interpret_matches_reference(case):
 
 def test_plan_is_powers_of_two_and_fills_the_gpu():
   p = pallas_encode.plan(1, 1152, 65536, 128)
-  for v in (p.block_tokens, p.block_width, p.block_k, p.splits, p.capacity):
+  for v in (p.block_tokens, p.block_width, p.d_chunk, p.splits, p.capacity):
     assert v & (v - 1) == 0
-  assert p.block_tokens >= 16 and 1152 % p.block_k == 0
+  assert p.block_tokens >= 16 and 1152 % p.d_chunk == 0
   assert p.splits * p.block_width <= 65536 and p.splits >= 128  # One token: split wide.
   big = pallas_encode.plan(4096, 1152, 65536, 128)
   assert big.splits < p.splits and big.capacity >= 8
@@ -61,13 +62,23 @@ def test_plan_is_powers_of_two_and_fills_the_gpu():
 def test_shapes_the_kernel_refuses_fall_back_to_xla():
   d = make_dictionary(22, 8, 100, threshold=1.0)
   x = inputs(22, (3,), 8)
+  assert sparse.make_plan(d, 3, 8, impl="pallas_interpret").impl == "xla"
+  assert sparse.make_plan(d, 3, 8, impl="pallas").backend == "gpu"  # Pallas targets GPUs.
   y, codes = dl.encode_decode(d, x, k=8, impl="pallas_interpret")
   assert_close(y, dl.forward(d, x), 1e-5)
 
 
-def test_cpu_default_is_xla():
-  assert sparse._resolve_impl(None, jnp.zeros((4, 8))) == (
-      "pallas" if jax.default_backend() == "gpu" else "xla")
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the CPU/TPU default")
+def test_default_plan_off_gpu_never_lowers_the_triton_kernel():
+  d = make_dictionary(23, 32, 512, threshold=2.0)
+  x = inputs(23, (4,), 32)
+  p = sparse.make_plan(d, 4, 16)
+  assert p.impl == "xla" and p.kernel is None
+  hlo = jax.jit(lambda d, x: dl.encode_decode(d, x, k=16)).lower(d, x).as_text()
+  assert "triton" not in hlo
+  # On a GPU plan, few tokens take the kernel and many the XLA blocks.
+  assert sparse.make_plan(d, 4, 16, backend="gpu").impl == "pallas"
+  assert sparse.make_plan(d, sparse.PALLAS_MAX_TOKENS + 1, 16, backend="gpu").impl == "xla"
 
 
 @pytest.mark.parametrize("n,dtype", [(1, "bfloat16"), (200, "float32")])

@@ -97,21 +97,105 @@ def test_width_not_divisible_by_block_uses_overlapping_blocks():
 def test_plan_blocks_respects_budget_and_divides_width():
   bw, bk = sparse.plan_blocks(1, 1152, 65536, 128, backend="cpu")
   assert bw == 65536 and bk == 128  # One token: one block, no weight slices.
-  bw, bk = sparse.plan_blocks(1024, 1152, 65536, 128, backend="cpu")
-  assert 65536 % bw == 0 and bw * 4 * 1024 <= sparse._CPU_PRE_BYTES
-  assert bw * 4 * 1152 <= sparse._cpu_weight_bytes(1024) and 1 <= bk <= min(128, bw)
-  assert sparse.plan_blocks(128, 1152, 65536, 128, backend="cpu")[0] == 1024
+  for n in (128, 1024):
+    bw, bk = sparse.plan_blocks(n, 1152, 65536, 128, backend="cpu")
+    assert 65536 % bw == 0 and bw < 65536 and bw * 4 * n <= sparse.CPU_PRE_BYTES
+    assert bw * 4 * 1152 <= sparse.cpu_weight_bytes(n) and 1 <= bk <= min(128, bw)
   bw, _ = sparse.plan_blocks(4096, 1152, 1 << 20, 128, backend="gpu")
-  assert 4 * 4096 * bw <= sparse._GPU_BLOCK_BYTES
+  assert 4 * 4096 * bw <= sparse.GPU_BLOCK_BYTES
   assert sparse.plan_blocks(8, 4, 7, 3, block_width=100)[0] == 7
   # bf16 on CPU: read in place, only the pre-activations bound a block; widened copies
   # are bounded by the weight budget too, and never span the width when it is too big.
   plan = lambda n, width, mode: sparse.plan_blocks(n, 1152, width, 128, backend="cpu",
                                                    weights=mode)[0]
   assert plan(1, 65536, "in_place") == 65536 and plan(32, 1 << 20, "in_place") == 65536
-  assert plan(1, 65536, "copy") * 4 * 1152 <= sparse._cpu_weight_bytes(1)
+  assert plan(1, 65536, "copy") * 4 * 1152 <= sparse.cpu_weight_bytes(1)
   with pytest.raises(ValueError, match="weights must be"):
     plan(1, 64, "dense")
+
+
+def _shaped(d_in, width, dtype="float32", d_out=None):
+  """A dictionary of ShapeDtypeStructs: make_plan reads only shapes and dtypes."""
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+  d_out = d_out or d_in
+  return dl.Transcoder(w_enc=s(d_in, width), b_enc=s(width), threshold=s(width),
+                       w_dec=s(width, d_out), b_dec=s(d_out), w_skip=None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 1 << 16), d_in=st.integers(1, 8192),
+       width=st.one_of(st.integers(1, 1 << 21), st.sampled_from([1 << 14, 1 << 16, 1 << 20])),
+       k=st.integers(1, 1024), backend=st.sampled_from(["cpu", "gpu", "tpu"]),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_planned_blocks_fit_the_budgets_and_cover_the_width(n, d_in, width, k, backend,
+                                                            dtype):
+  p = sparse.make_plan(_shaped(d_in, width, dtype), n, k, backend=backend, impl="xla")
+  cpu = backend == "cpu"
+  assert p.width == width and p.k == k and p.impl == "xla"
+  # The spill pass plans its own (copy-sized, spill_rows) blocks only when the encoder
+  # reads w_enc in place; else it reuses the encoder's blocks, planned for n rows.
+  spill_rows = p.spill_rows if p.weights == "in_place" else n
+  for bw, rows, mode in ((p.block_width, n, p.weights),
+                         (p.spill_block_width, spill_rows, p.spill_weights)):
+    assert 1 <= bw <= width
+    # The blocks j * bw, clamped to end at the width, cover every column exactly once
+    # after the overlap mask (``valid_from``): starts step by bw and the last ends at width.
+    nb = -(-width // bw)
+    starts = np.minimum(np.arange(nb) * bw, width - bw)
+    assert starts[0] == 0 and starts[-1] + bw == width
+    assert np.all(np.diff(starts) <= bw) and np.all(np.diff(starts) > 0)
+    one = 4 * rows * width <= (sparse.CPU_ONE_BLOCK_BYTES if cpu else sparse.GPU_BLOCK_BYTES)
+    if bw == width and one and mode != "copy":
+      continue  # One block: within the one-block budget.
+    # Else a power-of-two cap within the budgets (at least 128 columns).
+    cap = (sparse.CPU_PRE_BYTES if cpu else sparse.GPU_BLOCK_BYTES) // (4 * rows)
+    if cpu and mode != "in_place":
+      cap = min(cap, sparse.cpu_weight_bytes(rows) // (4 * d_in))
+    assert bw <= max(128, cap), (bw, cap)
+  assert 1 <= p.block_k <= min(k, p.block_width)
+  assert 1 <= p.spill_rows <= n
+  assert 1 <= p.decode_chunk <= k
+  row_bytes = 4 * d_in * n
+  assert (p.decode_chunk == 1 or p.decode_chunk == k or p.decode_chunk * row_bytes
+          <= (sparse.CPU_DECODE_BYTES if cpu else sparse.GPU_DECODE_BYTES))
+  if not cpu:  # The CPU kernels are for CPUs only.
+    assert p.weights == p.spill_weights == "slice" and p.select != "ffi" and not p.widen_dec
+  if p.select == "grouped":
+    assert p.block_width % 16 == 0
+
+
+def test_plan_is_a_static_argument_and_refuses_impossible_paths():
+  d = make_dictionary(8, 16, 256, threshold=1.8)
+  x = inputs(8, (5,), 16)
+  p = sparse.make_plan(d, 5, 8, block_width=64, select="top_k", spill_rows=2)
+  assert hash(p) == hash(sparse.make_plan(d, 5, 8, block_width=64, select="top_k",
+                                          spill_rows=2))
+  y, codes = jax.jit(lambda d, x: dl.encode_decode(d, x, k=8, plan=p))(d, x)
+  assert_close(y, dl.forward(d, x), 1e-5)
+  check_codes(codes, dl.encode(d, x), 8, 1e-5)
+  with pytest.raises(ValueError, match="not both"):
+    dl.encode_decode(d, x, k=8, plan=p, block_width=64)
+  with pytest.raises(ValueError, match="k=8"):
+    dl.encode_sparse(d, x, k=9, plan=p)
+  with pytest.raises(ValueError, match="select="):
+    sparse.make_plan(d, 5, 8, backend="gpu", select="ffi")
+  with pytest.raises(ValueError, match="select="):
+    sparse.make_plan(d, 5, 8, block_width=40, select="grouped")
+  with pytest.raises(ValueError, match="weights="):
+    sparse.make_plan(d, 5, 8, weights="in_place")  # float32 weights: nothing to widen.
+
+
+@pytest.mark.parametrize("select", ["top_k", "grouped"])
+def test_forced_selection_paths_equal_forward(select):
+  # Few rows over one wide block: both XLA selections, with overflowing rows.
+  d = make_dictionary(9, 24, 2048, kind="affine", threshold=2.5)
+  x = inputs(9, (6,), 24) * jnp.asarray([0.0, 1.0, 8.0] * 2)[:, None]
+  p = sparse.make_plan(d, 6, 16, select=select, use_cpu_kernels=False)
+  assert p.select == select and p.block_width == 2048
+  y, codes = dl.encode_decode(d, x, k=16, plan=p)
+  assert np.asarray(codes.overflow).any()
+  assert_close(y, dl.forward(d, x), 1e-5)
+  check_codes(codes, dl.encode(d, x), 16, 1e-5)
 
 
 def test_vmap_and_inside_a_jitted_model():
@@ -132,19 +216,28 @@ def test_vmap_and_inside_a_jitted_model():
 
 
 def test_repeated_calls_with_the_same_shapes_never_recompile():
+  compiles = []
+
+  def listen(event, duration, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
   d = make_dictionary(4, 16, 512, threshold=2.0)
-  dl.encode_decode(d, inputs(0, (7,), 16), k=8)
-  dl.encode_sparse(d, inputs(0, (7,), 16), k=8)
-  before = sparse._run_jit._cache_size()
-  for seed in range(1, 4):  # New values, new dictionary values, same shapes.
-    d2 = make_dictionary(seed, 16, 512, threshold=2.0)
-    jax.block_until_ready(dl.encode_decode(d2, inputs(seed, (7,), 16), k=8))
-    jax.block_until_ready(dl.encode_decode(d2, inputs(seed, (7,), 16), k=8,
-                                           compute_dtype=np.float32))
-    jax.block_until_ready(dl.encode_sparse(d2, inputs(seed, (7,), 16), k=8))
-  assert sparse._run_jit._cache_size() == before
-  dl.encode_decode(d, inputs(0, (8,), 16), k=8)  # A new shape compiles once more.
-  assert sparse._run_jit._cache_size() == before + 1
+  xs = [inputs(seed, (7,), 16) for seed in range(4)]
+  ds = [make_dictionary(seed, 16, 512, threshold=2.0) for seed in range(1, 4)]
+  x8 = inputs(0, (8,), 16)
+  dl.encode_decode(d, xs[0], k=8)
+  dl.encode_sparse(d, xs[0], k=8)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for seed, d2 in enumerate(ds, 1):  # New values, new dictionary values, same shapes.
+      jax.block_until_ready(dl.encode_decode(d2, xs[seed], k=8))
+      jax.block_until_ready(dl.encode_decode(d2, xs[seed], k=8, compute_dtype=np.float32))
+      jax.block_until_ready(dl.encode_sparse(d2, xs[seed], k=8))
+    assert not compiles
+    jax.block_until_ready(dl.encode_decode(d, x8, k=8))  # A new shape compiles once more.
+    assert len(compiles) == 1
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def test_donation_gives_the_same_result():
