@@ -1,4 +1,8 @@
-"""What Gemma Scope 2 publishes, so a dictionary can be found without browsing the hub.
+"""What Gemma Scope 2 publishes, and the Gemma 3 sizes it was trained on.
+
+``MODELS`` is the repository's one table of Gemma 3 architecture numbers (``ModelFacts``
+per size: layers, widths, heads, window, RoPE, ...); ``dictlearn_gemma.config.PRESETS``
+builds its configs from it, and ``ref``/``find`` check layers against it.
 
 Gemma Scope 2 has one hub repository per Gemma 3 model: ``google/gemma-scope-2-<size>-<pt|it>``.
 Inside, one folder per site family:
