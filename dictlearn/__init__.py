@@ -16,7 +16,7 @@ from dictlearn.dictionary import (
     pre_activations,
     random_dictionary,
 )
-from dictlearn import activation_data, catalog, hookpoints, metrics
+from dictlearn import activation_data, analysis, catalog, interventions, metrics, sites
 from dictlearn.io import load, save
 from dictlearn.sparse import SparseCodes, decode_sparse, encode_decode, encode_sparse
 from dictlearn import sharding

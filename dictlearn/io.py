@@ -27,7 +27,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from dictlearn import hookpoints
+from dictlearn import sites
 from dictlearn.dictionary import DictMeta, Dictionary, JumpReLUSAE, Transcoder
 
 PARAMS_FILE = "params.safetensors"
@@ -72,11 +72,12 @@ def save(d: Dictionary, folder: str | os.PathLike) -> Path:
 
 def _config_of(d: Dictionary) -> dict:
   m = d.meta
-  hp_in = m.hook_point_in or (
-      hookpoints.hook_point(m.site, m.layer) if m.site and m.layer is not None else None)
-  out_site = m.site_out or ("mlp_out" if d.kind == "transcoder" else m.site)
-  hp_out = m.hook_point_out or (
-      hookpoints.hook_point(out_site, m.layer) if out_site and m.layer is not None else None)
+  try:
+    read, write = sites.read_write(d)
+  except ValueError:  # The metadata names no site: nothing to derive.
+    read = write = None
+  hp_in = m.hook_point_in or (read.hook_point if read else None)
+  hp_out = m.hook_point_out or (write.hook_point if write else None)
   config = {
       "model_name": m.model_name,
       "architecture": "jump_relu",
@@ -186,10 +187,10 @@ def _gs1_config(source: str) -> dict:
     layer = int(m.group(1))
     if kind == "transcoder":
       cfg["type"] = "transcoder"
-      cfg["hf_hook_point_in"] = hookpoints.hook_point("mlp_in", layer)
-      cfg["hf_hook_point_out"] = hookpoints.hook_point("mlp_out", layer)
+      cfg["hf_hook_point_in"] = sites.mlp_in(layer).hook_point
+      cfg["hf_hook_point_out"] = sites.mlp_out(layer).hook_point
     else:
-      cfg["hf_hook_point_in"] = cfg["hf_hook_point_out"] = hookpoints.hook_point(kind, layer)
+      cfg["hf_hook_point_in"] = cfg["hf_hook_point_out"] = sites.Site(kind, layer).hook_point
   l0 = re.search(r"average_l0_(\d+)", source)
   if l0:
     cfg["l0"] = int(l0.group(1))
@@ -227,13 +228,13 @@ def _build(tensors: dict, cfg: dict, *, source: str, where: str) -> Dictionary:
   for key in ("hf_hook_point_in", "hf_hook_point_out"):
     if cfg.get(key):
       try:
-        s, l = hookpoints.parse_hook_point(cfg[key])
+        s = sites.Site.from_hook_point(cfg[key])
       except ValueError:
         continue  # An unfamiliar hook point is kept verbatim; the site stays unknown.
       if key == "hf_hook_point_in":
-        site, layer = s, l
+        site, layer = s.kind, s.layer
       else:
-        site_out = s
+        site_out = s.kind
   meta = DictMeta(
       kind=kind, site=site, layer=layer, site_out=site_out,
       model_name=cfg.get("model_name"), hook_point_in=cfg.get("hf_hook_point_in"),

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 
 import dictlearn as dl
 import dictlearn.train
-from dictlearn import hookpoints
 from dictlearn_penzai import sites
 from dictlearn_penzai.harvesting import harvest, pydoc_corpus
 from dictlearn_penzai.loading import load_gemma3
@@ -62,8 +61,8 @@ def main():
         continue
       meta = dl.DictMeta(kind=job["kind"], site=job["site"].kind, layer=LAYER,
                          site_out=job["site_out"].kind, model_name="gemma-3-270m",
-                         hook_point_in=hookpoints.hook_point(job["site"].kind, LAYER),
-                         hook_point_out=hookpoints.hook_point(job["site_out"].kind, LAYER),
+                         hook_point_in=job["site"].hook_point,
+                         hook_point_out=job["site_out"].hook_point,
                          source=f"scripts/train_demo_dictionaries.py ({TOKENS} tokens of pydoc)")
       d, hist = dl.train.fit(job["data"], kind=job["kind"], width=WIDTH, target_l0=TARGET_L0,
                              targets=job["targets"], affine=True, meta=meta, **TRAIN)

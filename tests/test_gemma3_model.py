@@ -13,7 +13,7 @@ from penzai import pz
 
 import dictlearn_penzai as dp
 from dictlearn import catalog
-from dictlearn.hookpoints import SITE_KINDS
+from dictlearn.sites import KINDS as SITE_KINDS
 from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
 from dictlearn_gemma.params import (
     check_params, expected_shapes, infer_config, init_gemma_params, normalize_gemma_params)

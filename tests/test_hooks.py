@@ -15,7 +15,7 @@ from penzai.models.transformer import sampling_mode
 from penzai.toolshed import jit_wrapper
 
 import dictlearn
-from dictlearn.hookpoints import SITE_KINDS
+from dictlearn.sites import KINDS as SITE_KINDS
 from dictlearn_penzai import hooks, layers, sites
 from dictlearn_penzai.sites import Site
 
@@ -192,7 +192,7 @@ def test_transcoder_splice_reads_mlp_in_and_replaces_mlp_out(model):
 
 @settings(max_examples=10)
 @given(direction=st.lists(st.floats(-3, 3), min_size=D_MODEL, max_size=D_MODEL).filter(
-    lambda v: np.linalg.norm(v) > 1e-3), scale=st.sampled_from(["norm", "raw"]))
+    lambda v: np.linalg.norm(v) > 1e-3), scale=st.sampled_from(["norm", "none"]))
 def test_zero_coefficient_steering_changes_nothing(model, direction, scale):
   ids = _ids(range(11, 11 + SEQ - 1))
   patched = hooks.steer(model, "resid_post.1", np.asarray(direction), 0.0, scale=scale)
@@ -205,13 +205,12 @@ def test_steering_adds_the_direction(model):
   direction = np.random.default_rng(3).normal(size=D_MODEL).astype(np.float32)
   _, clean = hooks.run_with_cache(model, ids, [site])
   x = np.asarray(clean.array(site))
-  for scale, coeff in (("norm", 0.7), ("raw", 2.0)):
+  for scale, coeff in (("norm", 0.7), ("none", 2.0)):
     _, c = hooks.run_with_cache(hooks.steer(model, site, direction, coeff, scale=scale), ids,
                                 [site])
     y = np.asarray(c.array(site))
     if scale == "norm":
-      add = coeff * np.linalg.norm(x, axis=-1, keepdims=True) * direction / np.linalg.norm(
-          direction)
+      add = coeff * np.linalg.norm(x, axis=-1, keepdims=True) * direction
     else:
       add = coeff * direction
     np.testing.assert_allclose(y[:, 1:], (x + add)[:, 1:], rtol=1e-5, atol=1e-5)
@@ -227,7 +226,7 @@ def test_steer_attn_z_uses_flat_o_proj_axis(model):
   direction = np.zeros(ATTN_Z, np.float32)
   direction[5] = 1.0
   _, clean = hooks.run_with_cache(model, ids, ["attn_z.0"])
-  _, c = hooks.run_with_cache(hooks.steer(model, "attn_z.0", direction, 3.0, scale="raw"), ids,
+  _, c = hooks.run_with_cache(hooks.steer(model, "attn_z.0", direction, 3.0, scale="none"), ids,
                               ["attn_z.0"])
   diff = np.asarray(c.array("attn_z.0")) - np.asarray(clean.array("attn_z.0"))
   np.testing.assert_allclose(diff[0, 1:, 5], 3.0, rtol=1e-6)
@@ -285,8 +284,8 @@ def _composed(model):
 
 
 def test_hooks_compose_in_order(model):
-  m = hooks.steer(model, "resid_post.1", np.ones(D_MODEL), 1.0, scale="raw")
-  m = hooks.steer(m, "resid_post.1", np.ones(D_MODEL), 2.0, scale="raw")
+  m = hooks.steer(model, "resid_post.1", np.ones(D_MODEL), 1.0, scale="none")
+  m = hooks.steer(m, "resid_post.1", np.ones(D_MODEL), 2.0, scale="none")
   m = hooks.capture(m, ["resid_post.1"])
   at = hooks.hooks_at(m)[sites.resid_post(1)]
   assert [type(h).__name__ for h in at] == ["Steer", "Steer", "Capture"]

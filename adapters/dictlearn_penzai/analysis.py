@@ -4,8 +4,9 @@ lens, reconstruction metrics and per-token loss.
 Every statistic leaves BOS out (and padding: pad tokens, id ``pad_id`` = 0 by default, or
 positions of -1 in an explicit ``token_positions``):
 Gemma Scope 2 dictionaries are not trained on BOS, whose activations are outliers.
-The math is the core's (``dictlearn.encode``/``decode``, ``dictlearn.metrics``); this
-module only wires a penzai model, its sites and the results together.
+The statistics are the core's (``dictlearn.analysis``, one mask rule from
+``dictlearn.interventions``); this module wires a penzai model, its sites and the results
+together, and adds the logit lens, token HTML and the loss plot.
 
 Shapes: tokens (batch, seq) int; site activations (batch, seq, d); latents
 (batch, seq, width); per-token losses (batch, seq - 1), entry t being the loss of
@@ -23,15 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-import dictlearn
-from dictlearn import metrics
+from dictlearn import analysis, interventions
+from dictlearn.analysis import TopLatents  # noqa: F401  (re-exported)
 from dictlearn_penzai import hooks
+from dictlearn_penzai import layers as L
 from dictlearn_penzai.hookpoint import HookPoint
-from dictlearn_penzai.layers import _DictionaryLayer
-
-
-def _core(dictionary):
-  return dictionary.dictionary if isinstance(dictionary, _DictionaryLayer) else dictionary
+from dictlearn_penzai.sites import Site
 
 
 def _plain(acts) -> jax.Array:
@@ -46,24 +44,21 @@ def _plain(acts) -> jax.Array:
 
 
 def positions_of(tokens, token_positions=None, pad_id: int | None = 0) -> jax.Array:
-  """Token positions (batch, seq): ``token_positions`` if given, else from padding.
-
-  Same rule as the hooks (``hooks.positions_from_padding``): 0, 1, ... over non-pad
-  tokens, -1 at pads, so each row's BOS is at position 0.
-  """
+  """Token positions (batch, seq): ``token_positions`` if given, else from padding
+  (``dictlearn.interventions.positions_from_padding``: each row's BOS at 0, pads -1)."""
+  ids = hooks.as_tokens(tokens).unwrap("batch", "seq")
   if token_positions is None:
-    token_positions = hooks.positions_from_padding(hooks.as_tokens(tokens), pad_id)
+    return interventions.positions_from_padding(ids, pad_id)
   if isinstance(token_positions, pz.nx.NamedArrayBase):
-    shape = hooks.as_tokens(tokens).named_shape
-    return jnp.broadcast_to(token_positions.unwrap(*token_positions.named_shape),
-                            (shape["batch"], shape["seq"]))
+    return jnp.broadcast_to(token_positions.unwrap(*token_positions.named_shape), ids.shape)
   p = jnp.asarray(token_positions)
   return p[None] if p.ndim == 1 else p
 
 
 def token_mask(tokens, token_positions=None, mask=None, pad_id: int | None = 0) -> jax.Array:
-  """(batch, seq) bool: True for tokens that count (not BOS at position 0, not padding)."""
-  keep = positions_of(tokens, token_positions, pad_id) > 0
+  """(batch, seq) bool: the positions that count (``interventions.active_positions``: not
+  BOS, not padding), and'ed with ``mask`` if given."""
+  keep = interventions.active_positions(positions_of(tokens, token_positions, pad_id))
   if mask is not None:
     keep = keep & jnp.asarray(mask, bool).reshape(keep.shape)
   return keep
@@ -72,83 +67,40 @@ def token_mask(tokens, token_positions=None, mask=None, pad_id: int | None = 0) 
 # ------------------------------------------------------------------ top latents
 
 
-@dataclasses.dataclass(frozen=True)
-class TopLatents:
-  """Strongest latents per token and over each prompt.
-
-  Attributes:
-    values, indices: (batch, seq, k) per token, strongest first (BOS included here;
-      ``mask`` says which tokens count).
-    prompt_values, prompt_indices: (batch, k) over each prompt's kept tokens, reduced
-      with ``reduce`` ("max" or "mean" activation over those tokens).
-    mask: (batch, seq) bool, the kept tokens.
-    reduce: how tokens were combined for the prompt-level ranking.
-  """
-
-  values: np.ndarray
-  indices: np.ndarray
-  prompt_values: np.ndarray
-  prompt_indices: np.ndarray
-  mask: np.ndarray
-  reduce: str
-
-  def table(self, batch_index: int = 0) -> str:
-    """The prompt-level ranking as text: ``value | latent`` lines."""
-    n = int(self.mask[batch_index].sum())
-    rows = [f"{'value':>10} | latent ({self.reduce} over {n} tokens)"]
-    rows += [f"{v:>10.3f} | {i}" for v, i in
-             zip(self.prompt_values[batch_index], self.prompt_indices[batch_index])]
-    return "\n".join(rows)
-
-  def __str__(self):
-    return self.table(0)
-
-
-def top_latents(dictionary, acts, k: int = 10, mask=None, *, reduce: str = "max",
+def top_latents(dictionary, acts, k: int = 10, mask=None, *, tokens=None,
+                token_positions=None, pad_id: int | None = 0, reduce: str = "max",
                 skip_bos: bool = True) -> TopLatents:
-  """The ``k`` strongest latents per token and over each prompt.
+  """``dictlearn.analysis.top_latents`` on cached activations, BOS and padding left out.
 
   Args:
     dictionary: the SAE or transcoder (or its penzai layer).
     acts: activations at its input site: a cached NamedArray (batch, seq, d) or an
       array (batch, seq, d) / (seq, d).
     k: how many latents.
-    mask: optional (batch, seq) bool of tokens to count (e.g. no padding).
+    mask: optional (batch, seq) bool of tokens to count.
+    tokens, token_positions, pad_id: where each row's BOS and padding are, as in
+      ``token_mask`` (a left-padded row's BOS is not in column 0); with neither, the
+      rows are taken as unpadded, BOS first.
     reduce: "max" or "mean" activation over the kept tokens, for the prompt ranking.
-    skip_bos: leave position 0 out of the prompt ranking.
+    skip_bos: leave BOS out of the prompt ranking.
   """
-  if reduce not in ("max", "mean"):
-    raise ValueError(f"reduce must be 'max' or 'mean', not {reduce!r}")
-  d = _core(dictionary)
   x = _plain(acts)
-  if x.ndim == 2:
-    x = x[None]
-  f = dictlearn.encode(d, x)  # (batch, seq, width)
-  k = min(int(k), d.width)
-  values, indices = jax.lax.top_k(f, k)
-  keep = jnp.ones(f.shape[:2], bool) if mask is None else jnp.asarray(mask, bool).reshape(
-      f.shape[:2])
-  if skip_bos:
-    keep = keep.at[:, 0].set(False)
-  m = keep[..., None].astype(jnp.float32)
-  if reduce == "max":
-    pooled = jnp.max(jnp.where(keep[..., None], f, -jnp.inf), axis=1)
-    pooled = jnp.where(jnp.isfinite(pooled), pooled, 0.0)
+  x = x[None] if x.ndim == 2 else x
+  if tokens is not None:
+    positions = positions_of(tokens, token_positions, pad_id)
+  elif token_positions is not None:
+    positions = positions_of(jnp.ones(x.shape[:2], jnp.int32), token_positions, None)
   else:
-    pooled = jnp.sum(f * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
-  p_values, p_indices = jax.lax.top_k(pooled, k)
-  return TopLatents(np.asarray(values), np.asarray(indices), np.asarray(p_values),
-                    np.asarray(p_indices), np.asarray(keep), reduce)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+  keep = interventions.active_positions(positions, skip_bos)
+  if mask is not None:
+    keep = keep & jnp.asarray(mask, bool).reshape(keep.shape)
+  return analysis.top_latents(L.core_dictionary(dictionary), x, k, keep, reduce=reduce)
 
 
 def latent_activations(dictionary, acts, latent: int) -> np.ndarray:
   """One latent's activation at every token: (batch, seq) (or (seq,) for (seq, d) input)."""
-  d = _core(dictionary)
-  x = _plain(acts)
-  if not 0 <= int(latent) < d.width:
-    raise ValueError(f"latent {latent} is out of range: this dictionary has {d.width} "
-                     f"(0-{d.width - 1})")
-  return np.asarray(dictlearn.encode(d, x)[..., int(latent)])
+  return analysis.latent_activations(L.core_dictionary(dictionary), _plain(acts), latent)
 
 
 # ------------------------------------------------------------------ token HTML
@@ -317,29 +269,32 @@ def logit_lens(model, direction, k: int = 10, *, convention: str = "final_norm",
 
 
 @dataclasses.dataclass(frozen=True)
-class ReconstructionReport:
-  """How well a dictionary reconstructs its site, on kept tokens (no BOS, no padding).
+class Runs:
+  """A clean and a spliced run of the model on the same tokens.
 
-  fvu: fraction of variance unexplained at the output site; l0: mean active latents per
-  token; mse: mean squared error per feature; clean_loss / spliced_loss: mean next-token
-  loss without / with the dictionary spliced in; delta_loss: their difference.
+  Attributes:
+    dictionary: the core dictionary; site_in, site_out: where it read and wrote.
+    x_in, target: (batch, seq, d) clean activations at those sites.
+    tokens: (batch, seq) ids; mask: (batch, seq) bool, the positions that count.
+    clean_logits, spliced_logits: (batch, seq, vocab).
   """
 
-  fvu: float
-  l0: float
-  mse: float
-  clean_loss: float
-  spliced_loss: float
-  delta_loss: float
-  n_tokens: int
-  site_in: str
-  site_out: str
+  dictionary: object
+  site_in: Site
+  site_out: Site
+  x_in: jax.Array
+  target: jax.Array
+  tokens: jax.Array
+  mask: jax.Array
+  clean_logits: jax.Array
+  spliced_logits: jax.Array
 
-  def __str__(self):
-    where = self.site_in if self.site_in == self.site_out else f"{self.site_in} -> {self.site_out}"
-    return (f"{where}: FVU {self.fvu:.2%}  L0 {self.l0:.1f}  delta loss {self.delta_loss:+.4f} "
-            f"(clean {self.clean_loss:.4f}, spliced {self.spliced_loss:.4f}; "
-            f"{self.n_tokens} tokens)")
+  def reconstruction(self) -> analysis.Reconstruction:
+    """``dictlearn.analysis.reconstruction`` of these runs."""
+    return analysis.reconstruction(
+        self.dictionary, self.x_in, self.target, self.mask, tokens=self.tokens,
+        clean_logits=self.clean_logits, spliced_logits=self.spliced_logits,
+        site_in=str(self.site_in), site_out=str(self.site_out))
 
 
 def _side(token_positions):
@@ -350,29 +305,32 @@ def _side(token_positions):
   return {"token_positions": token_positions}
 
 
-def _losses(model, tokens, dictionary, site, token_positions, mask, jit, pad_id):
-  d = _core(dictionary)
-  src, dst = hooks._sites_for(model, d, site)
+def clean_and_spliced(model, tokens, dictionary, site=None, *, token_positions=None,
+                      mask=None, pad_id: int | None = 0, jit: bool = True) -> Runs:
+  """Runs ``model`` on ``tokens`` clean (capturing the dictionary's sites) and with the
+  dictionary spliced in (BOS untouched). Arguments as in ``reconstruction_report``."""
+  src, dst = hooks.read_write_sites(model, dictionary, site)
   tokens = hooks.as_tokens(tokens)
   side = _side(token_positions)
   clean, cache = hooks.run_with_cache(model, tokens, [src, dst], jit=jit, pad_id=pad_id, **side)
   spliced = hooks.call(hooks.splice(model, dictionary, site=(src, dst)), tokens, jit=jit,
                        pad_id=pad_id, **side)
   ids = tokens.unwrap("batch", "seq")
-  keep = token_mask(ids, token_positions, mask, pad_id)
-  return (d, src, dst, cache, ids, keep, clean.unwrap("batch", "seq", "vocabulary"),
-          spliced.unwrap("batch", "seq", "vocabulary"))
+  return Runs(L.core_dictionary(dictionary), src, dst, cache.array(src), cache.array(dst),
+              ids, token_mask(ids, token_positions, mask, pad_id),
+              clean.unwrap("batch", "seq", "vocabulary"),
+              spliced.unwrap("batch", "seq", "vocabulary"))
 
 
 def reconstruction_report(model, tokens, dictionary, site=None, *, token_positions=None,
                           mask=None, pad_id: int | None = 0,
-                          jit: bool = True) -> ReconstructionReport:
+                          jit: bool = True) -> analysis.Reconstruction:
   """FVU, L0, MSE and delta loss of a dictionary on ``tokens``, BOS and padding left out.
 
   The dictionary reads its input site; FVU/MSE compare its output with the activations
   at its output site (the same site for an SAE, mlp_out for a transcoder); delta loss is
   the mean next-token loss with the dictionary spliced in (BOS untouched) minus without,
-  over targets that are neither BOS nor padding. All through ``dictlearn.metrics``.
+  over targets that are neither BOS nor padding (``dictlearn.analysis.reconstruction``).
 
   Args:
     tokens: (batch, seq) ids (NamedArray or array).
@@ -382,18 +340,8 @@ def reconstruction_report(model, tokens, dictionary, site=None, *, token_positio
     mask: optional extra (batch, seq) bool of tokens to count.
     pad_id: the padding id (Gemma: 0); None when the tokens hold no padding.
   """
-  d, src, dst, cache, ids, keep, clean, spliced = _losses(
-      model, tokens, dictionary, site, token_positions, mask, jit, pad_id)
-  x, target = cache.array(src), cache.array(dst)
-  f = dictlearn.encode(d, x)
-  y = dictlearn.decode(d, f, x)
-  return ReconstructionReport(
-      fvu=float(metrics.fvu(target, y, keep)), l0=float(metrics.l0(f, keep)),
-      mse=float(metrics.mse(target, y, keep)),
-      clean_loss=float(metrics.mean_loss(clean, ids, keep)),
-      spliced_loss=float(metrics.mean_loss(spliced, ids, keep)),
-      delta_loss=float(metrics.delta_loss(clean, spliced, ids, keep)),
-      n_tokens=int(keep.sum()), site_in=str(src), site_out=str(dst))
+  return clean_and_spliced(model, tokens, dictionary, site, token_positions=token_positions,
+                           mask=mask, pad_id=pad_id, jit=jit).reconstruction()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,15 +363,13 @@ class PerTokenLoss:
 
 def per_token_loss(model, tokens, dictionary, site=None, *, token_positions=None,
                    mask=None, pad_id: int | None = 0, jit: bool = True) -> PerTokenLoss:
-  """Clean vs spliced next-token loss at every position (``metrics.cross_entropy``).
+  """Clean vs spliced next-token loss at every position.
 
   Arguments as in ``reconstruction_report``.
   """
-  _, _, _, _, ids, keep, clean, spliced = _losses(
-      model, tokens, dictionary, site, token_positions, mask, jit, pad_id)
-  return PerTokenLoss(np.asarray(metrics.cross_entropy(clean, ids)),
-                      np.asarray(metrics.cross_entropy(spliced, ids)),
-                      np.asarray(keep[:, 1:]))
+  r = reconstruction_report(model, tokens, dictionary, site, token_positions=token_positions,
+                            mask=mask, pad_id=pad_id, jit=jit)
+  return PerTokenLoss(r.clean_per_token, r.spliced_per_token, r.loss_mask)
 
 
 def per_token_loss_figure(loss: PerTokenLoss, tokens_as_strings: Sequence[str] | None = None,

@@ -7,7 +7,7 @@ sampling mode unchanged. Two small layers are added: RoPE with a linear scale fa
 (global layers of 4B+) and a head merge before o_proj (so ``attn_z`` has one ``heads`` axis
 whatever the attention grouping).
 
-One block, with the HookPoints (``dictlearn.hookpoints.SITE_KINDS``) where they sit::
+One block, with the HookPoints (``dictlearn.sites.KINDS``) where they sit::
 
   HookPoint(resid_pre)                             [batch, seq, embedding]
   Residual(                                        attention sub-block

@@ -20,7 +20,7 @@ import numpy as np
 from penzai import pz
 from tqdm.auto import tqdm
 
-from dictlearn import activation_data, hookpoints
+from dictlearn import activation_data
 from dictlearn_penzai import hooks
 from dictlearn_penzai.hookpoint import HookPoint
 from dictlearn_penzai.sites import Site, as_site, check_site
@@ -123,7 +123,7 @@ def harvest(model, tokenizer, texts: Iterable[str], sites, *, seq_len: int = 128
           writers[s] = activation_data.ShardWriter(
               os.path.join(os.fspath(out), activation_data.ShardWriter.folder_name(s.kind, s.layer)),
               d=acts.shape[-1], site=s.kind, layer=s.layer, dtype=dtype,
-              model_name=model_name, hook_point=hookpoints.hook_point(s.kind, s.layer),
+              model_name=model_name, hook_point=s.hook_point,
               excludes_bos=skip_bos, extra={"seq_len": seq_len})
         writers[s].append(acts)
       bar.update(n * per_row)

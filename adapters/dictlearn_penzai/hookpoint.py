@@ -1,7 +1,7 @@
 """``HookPoint``: an identity layer that marks a named site inside a penzai model.
 
 The Gemma 3 model puts one HookPoint at every site of every block (see
-``dictlearn.hookpoints`` for the site kinds). Interventions never count layers: they
+``dictlearn.sites`` for the site kinds). Interventions never count layers: they
 select HookPoints by ``(kind, layer)`` with ``pz.select`` and insert layers after them.
 
 What flows through a HookPoint is a NamedArray with axes ``batch``, ``seq`` and one

@@ -33,12 +33,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from penzai import pz
 from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
+from dictlearn import interventions
 from dictlearn_penzai import layers as L
 from dictlearn_penzai.hookpoint import HookPoint
-from dictlearn_penzai.sites import Site, as_site, check_site, feature_axis, site_of
+from dictlearn_penzai.sites import Site, as_site, check_site, feature_axis, read_write
 
 NamedArray = pz.nx.NamedArray
 
@@ -213,16 +215,10 @@ def as_tokens(tokens) -> NamedArray:
 
 
 def positions_from_padding(tokens: NamedArray, pad_id: int | None) -> NamedArray:
-  """(batch, seq) positions 0, 1, ... over non-pad tokens and -1 at pads (penzai's rule).
-
-  Left- or right-padded rows then get the positions (and attention) they have alone, and
-  each row's BOS sits at position 0, where the hooks look for it.
-  """
-  if pad_id is None:
-    return pz.nx.arange("seq", tokens.named_shape["seq"])
-  nonpad = tokens != pad_id
-  count = pz.nx.nmap(lambda m: jnp.cumsum(m, dtype=jnp.int32))(nonpad.untag("seq")).tag("seq")
-  return pz.nx.nmap(jnp.where)(nonpad, count - 1, -1)
+  """(batch, seq) positions, -1 at pads: ``dictlearn.interventions.positions_from_padding``
+  on named tokens, so each row's BOS sits at position 0, where the hooks look for it."""
+  return pz.nx.nmap(lambda t: interventions.positions_from_padding(t, pad_id))(
+      tokens.untag("seq")).tag("seq")
 
 
 @pz.variable_jit
@@ -273,33 +269,23 @@ def run_with_cache(model, tokens, sites, *, jit: bool = True, pad_id: int | None
 # ------------------------------------------------------------------ interventions
 
 
-def _sites_for(model, dictionary, site) -> tuple[Site, Site]:
-  """``(read site, write site)`` of a dictionary, validated against the model."""
-  is_tc = getattr(dictionary, "kind", None) == "transcoder"
-  if site is None:
-    src = site_of(dictionary, "in")
-    dst = site_of(dictionary, "out") if is_tc else src
-  elif isinstance(site, (list, tuple)) and len(site) == 2 and not isinstance(site[1], int):
-    src, dst = as_site(site[0]), as_site(site[1])
-  else:
-    src = as_site(site)
-    if not is_tc:
-      dst = src
-    else:
-      # A transcoder given only its input site writes the MLP output of that layer.
-      try:
-        dst = site_of(dictionary, "out")
-      except ValueError:
-        dst = None
-      if dst is None or dst.layer != src.layer:
-        dst = Site("mlp_out", src.layer)
-  if not is_tc and src != dst:
-    raise ValueError(f"an SAE writes where it reads; got {src} and {dst}")
+def read_write_sites(model, dictionary, site=None) -> tuple[Site, Site]:
+  """``(read site, write site)`` of a dictionary (``dictlearn.sites.read_write``),
+  validated against the model's sites and widths.
+
+  ``site``: None (from the dictionary's metadata), the site it reads, or a pair
+  ``(read, write)`` of sites (e.g. ``("mlp_in.2", "mlp_out.2")``).
+  """
+  d = L.core_dictionary(dictionary)
+  read = write = None
+  if isinstance(site, (list, tuple)) and len(site) == 2 and not isinstance(site[1], int):
+    read, write = site
+  elif site is not None:
+    read = site
+  src, dst = read_write(d, read, write)
   src, dst = check_site(model, src), check_site(model, dst)
-  _check_width(model, src, dictionary.d_in,
-               f"{type(dictionary).__name__} expects d_in={dictionary.d_in}")
-  _check_width(model, dst, dictionary.d_out,
-               f"{type(dictionary).__name__} writes d_out={dictionary.d_out}")
+  _check_width(model, src, d.d_in, f"{type(d).__name__} expects d_in={d.d_in}")
+  _check_width(model, dst, d.d_out, f"{type(d).__name__} writes d_out={d.d_out}")
   return src, dst
 
 
@@ -309,13 +295,24 @@ def _stash(model, src: Site, dst: Site):
   return attach(model, src, L.Stash(slot=slot, site=src)), slot
 
 
+def _reader(model, layer, site):
+  """(model, sites, input slot): a Stash at the read site when it differs from the write
+  site (transcoders), so the hook at the write site sees the dictionary's input."""
+  src, dst = read_write_sites(model, layer.dictionary, site)
+  if src == dst:
+    return model, dst, None
+  model, slot = _stash(model, src, dst)
+  return model, dst, slot
+
+
 def splice(model, dictionary, site=None, skip_bos: bool = True, *,
            compute_dtype=jnp.float32):
   """Replaces a site's activations with the dictionary's output (BOS left alone).
 
   An SAE replaces its site with its reconstruction. A transcoder reads its input site
   (``mlp_in``) and replaces its output site (``mlp_out`` of the same layer) with its
-  prediction: the MLP's contribution is then the transcoder's.
+  prediction: the MLP's contribution is then the transcoder's. Runs the fused
+  ``dictlearn.interventions.splice``.
 
   Args:
     model: a penzai model with HookPoints.
@@ -326,10 +323,7 @@ def splice(model, dictionary, site=None, skip_bos: bool = True, *,
     compute_dtype: matmul operand dtype for the core (float32 accumulation always).
   """
   layer = L.dictionary_layer(dictionary, compute_dtype)
-  src, dst = _sites_for(model, layer.dictionary, site)
-  slot = None
-  if isinstance(layer, L.TranscoderLayer):
-    model, slot = _stash(model, src, dst)
+  model, dst, slot = _reader(model, layer, site)
   return attach(model, dst, L.Splice(layer=layer, input_slot=slot, site=dst,
                                      skip_bos=skip_bos))
 
@@ -341,40 +335,42 @@ def steer(model, site, direction, coeff, scale: str = "norm", skip_bos: bool = T
     site: where (e.g. ``resid_post(9)`` or "resid_post.9").
     direction: a vector (d,) on the site's feature axis (e.g. an SAE decoder row,
       ``sae.w_dec[i]``), plain or a single-axis NamedArray.
-    coeff: scalar. ``scale="norm"`` adds ``coeff * ||x|| * direction / ||direction||``
-      per token (steering strength relative to the activation's own size, as in the
-      Gemma Scope 2 tutorial, which multiplies the decoder row as stored: the same when
-      that row has unit norm); ``scale="raw"`` adds ``coeff * direction``.
+    coeff: scalar. ``scale="norm"`` adds ``coeff * ||x|| * direction`` per token (the
+      Gemma Scope 2 tutorial's steering: strength relative to the activation's own
+      size, for a unit direction); ``scale="none"`` adds ``coeff * direction``.
     skip_bos: leave position 0 (BOS) unchanged during prefill.
   """
-  if scale not in ("norm", "raw"):
-    raise ValueError(f"scale must be 'norm' or 'raw', not {scale!r}")
+  if scale not in ("norm", "none"):
+    raise ValueError(f"scale must be 'norm' or 'none', not {scale!r}")
   site = check_site(model, site)
   d = L.direction_array(direction, feature_axis(site), site_width(model, site))
-  if scale == "norm" and not isinstance(d.data_array, jax.core.Tracer) and not bool(
-      jnp.any(d.data_array != 0)):
-    raise ValueError("cannot steer along an all-zero direction with scale='norm'")
   return attach(model, site, L.Steer(direction=d, coeff=jnp.asarray(coeff, jnp.float32),
                                      site=site, scale=scale, skip_bos=skip_bos))
 
 
+def _latent_list(latents, width: int) -> tuple[int, ...]:
+  idx = np.atleast_1d(np.asarray(latents))
+  if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+    raise ValueError(f"latents must be an index or a list of indices, got {latents!r}")
+  if idx.size and (idx.min() < 0 or idx.max() >= width):
+    raise ValueError(f"latent indices must be in 0..{width - 1}, got "
+                     f"{int(idx.min())}..{int(idx.max())}")
+  return tuple(int(i) for i in idx)
+
+
 def _edit(model, dictionary, latents, values, site, skip_bos, compute_dtype):
   layer = L.dictionary_layer(dictionary, compute_dtype)
-  src, dst = _sites_for(model, layer.dictionary, site)
-  idx = jnp.atleast_1d(jnp.asarray(latents, jnp.int32))
-  if idx.ndim != 1:
-    raise ValueError(f"latents must be an index or a list of indices, got shape {idx.shape}")
-  if idx.size and not isinstance(idx, jax.core.Tracer):
-    lo, hi = int(idx.min()), int(idx.max())
-    if lo < 0 or hi >= layer.width:
-      raise ValueError(f"latent indices must be in 0..{layer.width - 1}, got {lo}..{hi}")
+  idx = _latent_list(latents, layer.width)
+  clamp_values = None
   if values is not None:
-    values = jnp.broadcast_to(jnp.asarray(values, jnp.float32), idx.shape)
-  slot = None
-  if isinstance(layer, L.TranscoderLayer):
-    model, slot = _stash(model, src, dst)
-  return attach(model, dst, L.EditLatents(layer=layer, latents=idx, values=values,
-                                          input_slot=slot, site=dst, skip_bos=skip_bos))
+    values = jnp.broadcast_to(jnp.asarray(values, jnp.float32), (len(idx),))
+    last = {i: j for j, i in enumerate(idx)}  # A repeated latent takes its last value.
+    idx, clamp_values = tuple(last), values[np.asarray(list(last.values()), np.int32)]
+  model, dst, slot = _reader(model, layer, site)
+  return attach(model, dst, L.EditLatents(
+      layer=layer, clamp_values=clamp_values, input_slot=slot,
+      ablate=idx if values is None else (), clamp_latents=() if values is None else idx,
+      site=dst, skip_bos=skip_bos))
 
 
 def ablate(model, dictionary, latents, site=None, skip_bos: bool = True, *,

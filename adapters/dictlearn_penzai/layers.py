@@ -2,14 +2,15 @@
 
 ``SAELayer`` and ``TranscoderLayer`` hold a ``dictlearn`` dictionary (a pytree; treescope
 shows its weights and metadata) and run it on NamedArrays: they unwrap the feature axis
-and call ``dictlearn.encode``/``decode``, never re-implementing the math. Latents come
-back on an axis named ``latents``.
+and call ``dictlearn.encode``/``decode``/``encode_decode``, never re-implementing the
+math. Latents come back on an axis named ``latents``.
 
 The intervention layers (``Capture``, ``Stash``, ``Splice``, ``Steer``, ``EditLatents``)
-are what ``dictlearn_penzai.hooks`` puts after a site's ``HookPoint``. Each one is pure
-apart from the ``StateVariable`` it names, works on any batch axes, under ``jax.jit``
-and in KV-cached sampling, and finds BOS through the ``token_positions`` side input
-(position 0; padding is -1), so left-padded batches and decode steps are handled.
+are what ``dictlearn_penzai.hooks`` puts after a site's ``HookPoint``. Each unwraps the
+site's value to a plain ``(..., seq, d)`` array and calls ``dictlearn.interventions``
+with the mask of ``position_mask`` (from the ``token_positions`` side input: BOS at 0,
+padding at -1, so left-padded batches and decode steps are handled). Each is pure apart
+from the ``StateVariable`` it names and works under ``jax.jit`` and in KV-cached sampling.
 
 Shapes: values at a site are NamedArrays with axes ``batch``, ``seq`` and a feature axis
 (``embedding``, or at attn_z the model's head axes plus ``projection``, which
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 import dictlearn
+from dictlearn import interventions
 from dictlearn_penzai.sites import ATTN_Z_AXIS, HEAD_AXES, Site
 
 NamedArray = pz.nx.NamedArray
@@ -70,18 +72,48 @@ def features(x: NamedArray) -> NamedArray:
 # ------------------------------------------------------------- dictionary layers
 
 
-class _DictionaryLayer(pz.nn.Layer):
-  """Shared encode over a named feature axis; subclasses define decode/forward."""
+def plain(x: NamedArray) -> tuple[jax.Array, Callable[[jax.Array], NamedArray]]:
+  """A site's value as a plain array ``(..., seq, d)`` and the map back to x's axes.
 
-  def _apply(self, fn, x: NamedArray, out_axis: str) -> NamedArray:
-    flat, axis, _ = to_features(x)
-    return pz.nx.nmap(fn)(flat.untag(axis)).tag(out_axis)
+  The leading axes are x's other named axes (e.g. ``batch``), in x's order; ``d`` is the
+  single feature axis of ``to_features``. The map back restores attn_z's head axes.
+  """
+  flat, axis, restore = to_features(x)
+  lead = tuple(a for a in flat.named_shape if a not in ("seq", axis))
+  names = (*lead, "seq", axis)
+  return flat.unwrap(*names), lambda y: restore(pz.nx.wrap(y).tag(*names))
+
+
+class _DictionaryLayer(pz.nn.Layer):
+  """A dictionary over a named feature axis: encode, decode and forward call the core."""
 
   def encode(self, x: NamedArray) -> NamedArray:
     """Latent activations (float32) on axis ``latents``, from x with one feature axis."""
-    return self._apply(
-        lambda v: dictlearn.encode(self.dictionary, v, compute_dtype=self.compute_dtype),
-        x, LATENTS)
+    flat, axis, _ = to_features(x)
+    return pz.nx.nmap(
+        lambda v: dictlearn.encode(self.dictionary, v, compute_dtype=self.compute_dtype)
+    )(flat.untag(axis)).tag(LATENTS)
+
+  def decode(self, f: NamedArray, x: NamedArray | None = None,
+             axis: str = "embedding") -> NamedArray:
+    """Output (float32) on feature axis ``axis`` from latents on ``latents``; an affine
+    transcoder also needs its input ``x`` for the skip term."""
+    fn = lambda fv, xv=None: dictlearn.decode(  # noqa: E731
+        self.dictionary, fv, xv, compute_dtype=self.compute_dtype)
+    if x is None:
+      return pz.nx.nmap(fn)(f.untag(LATENTS)).tag(axis)
+    flat, in_axis, _ = to_features(x)
+    return pz.nx.nmap(fn)(f.untag(LATENTS), flat.untag(in_axis)).tag(axis)
+
+  def forward(self, x: NamedArray, axis: str | None = None) -> NamedArray:
+    """Output (float32) through the fused ``dictlearn.encode_decode``, on ``axis``
+    (default: x's own feature axis for an SAE, ``embedding`` for a transcoder)."""
+    flat, in_axis, _ = to_features(x)
+    axis = axis or (in_axis if isinstance(self, SAELayer) else "embedding")
+    lead = tuple(a for a in flat.named_shape if a != in_axis)
+    y, _ = dictlearn.encode_decode(self.dictionary, flat.unwrap(*lead, in_axis),
+                                   compute_dtype=self.compute_dtype)
+    return pz.nx.wrap(y).tag(*lead, axis)
 
   @property
   def width(self) -> int:
@@ -108,19 +140,6 @@ class SAELayer(_DictionaryLayer):
   compute_dtype: Any = dataclasses.field(default=jnp.float32,
                                          metadata={"pytree_node": False})
 
-  def decode(self, f: NamedArray, axis: str = "embedding") -> NamedArray:
-    """Reconstruction (float32) on feature axis ``axis`` from latents on ``latents``."""
-    return pz.nx.nmap(
-        lambda v: dictlearn.decode(self.dictionary, v, compute_dtype=self.compute_dtype)
-    )(f.untag(LATENTS)).tag(axis)
-
-  def forward(self, x: NamedArray) -> NamedArray:
-    """Reconstruction (float32) with the same single feature axis as ``features(x)``."""
-    _, axis, _ = to_features(x)
-    return self._apply(
-        lambda v: dictlearn.forward(self.dictionary, v, compute_dtype=self.compute_dtype),
-        x, axis)
-
   def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
     """Reconstruction in x's own axes and dtype (attn_z keeps its head axes)."""
     _, _, restore = to_features(x)
@@ -139,21 +158,6 @@ class TranscoderLayer(_DictionaryLayer):
   compute_dtype: Any = dataclasses.field(default=jnp.float32,
                                          metadata={"pytree_node": False})
 
-  def decode(self, f: NamedArray, x: NamedArray | None = None,
-             axis: str = "embedding") -> NamedArray:
-    """Prediction (float32) on ``axis`` from latents (and x, for the skip term)."""
-    fn = lambda fv, xv=None: dictlearn.decode(  # noqa: E731
-        self.dictionary, fv, xv, compute_dtype=self.compute_dtype)
-    if x is None:
-      return pz.nx.nmap(fn)(f.untag(LATENTS)).tag(axis)
-    flat, in_axis, _ = to_features(x)
-    return pz.nx.nmap(fn)(f.untag(LATENTS), flat.untag(in_axis)).tag(axis)
-
-  def forward(self, x: NamedArray, axis: str = "embedding") -> NamedArray:
-    return self._apply(
-        lambda v: dictlearn.forward(self.dictionary, v, compute_dtype=self.compute_dtype),
-        x, axis)
-
   def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
     return self.forward(x).astype(x.dtype)
 
@@ -170,27 +174,29 @@ def dictionary_layer(dictionary, compute_dtype=jnp.float32) -> SAELayer | Transc
                   f"{type(dictionary).__name__}")
 
 
+def core_dictionary(dictionary):
+  """The core pytree of a dictionary or of its penzai layer."""
+  return dictionary.dictionary if isinstance(dictionary, _DictionaryLayer) else dictionary
+
+
 # ------------------------------------------------------------- where to intervene
 
 
-def active_positions(x: NamedArray, side_inputs: dict, skip_bos: bool):
-  """Bool NamedArray (batch, seq): True where an intervention applies, or None for all.
+def position_mask(x: NamedArray, side_inputs: dict, skip_bos: bool) -> jax.Array:
+  """``interventions.active_positions`` as a plain (..., seq) mask matching ``plain(x)``.
 
-  BOS is the token at position 0 of ``token_positions`` (padding has -1), which is
-  where it sits after left padding too and which never occurs in a KV-cached decode
-  step. Without a ``token_positions`` side input, positions count from 0 along seq.
+  Positions come from the ``token_positions`` side input (0 is BOS, -1 padding), or count
+  from 0 along seq without one; a KV-cached decode step continues at position > 0, so
+  steering applies to every generated token.
   """
-  if not skip_bos:
-    return None
   positions = side_inputs.get("token_positions")
   if positions is None:
     positions = pz.nx.arange("seq", x.named_shape["seq"])
-  return positions > 0
-
-
-def _where(active, new: NamedArray, old: NamedArray) -> NamedArray:
-  out = new if active is None else pz.nx.nmap(jnp.where)(active, new, old)
-  return out.astype(old.dtype)
+  flat, axis, _ = to_features(x)
+  lead = tuple(a for a in flat.named_shape if a not in ("seq", axis))
+  shape = {a: flat.named_shape[a] for a in (*lead, "seq")}
+  mask = pz.nx.nmap(lambda p: interventions.active_positions(p, skip_bos))(positions)
+  return mask.broadcast_to(named_shape=shape).unwrap(*lead, "seq")
 
 
 class SiteHook(pz.nn.Layer):
@@ -252,7 +258,7 @@ def _take_stash(slot: pz.StateVariable | None, site: Site, x: NamedArray) -> Nam
 
 @pz.pytree_dataclass
 class Splice(SiteHook):
-  """Replaces a site's value with the dictionary's output, BOS left alone if asked.
+  """Replaces a site's value with the dictionary's output (``interventions.splice``).
 
   For an SAE the output is its reconstruction of the value itself; for a transcoder
   (``input_slot`` set) it is the prediction from the value stashed at its input site.
@@ -264,19 +270,18 @@ class Splice(SiteHook):
   skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
 
   def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
-    flat, axis, restore = to_features(x)
-    source = _take_stash(self.input_slot, self.site, x)
-    y = self.layer.forward(source) if isinstance(self.layer, SAELayer) else (
-        self.layer.forward(source, axis=axis))
-    return restore(_where(active_positions(x, side_inputs, self.skip_bos), y, flat))
+    target, back = plain(x)
+    x_in = plain(_take_stash(self.input_slot, self.site, x))[0]
+    return back(interventions.splice(
+        self.layer.dictionary, x_in, target, position_mask(x, side_inputs, self.skip_bos),
+        compute_dtype=self.layer.compute_dtype))
 
 
 @pz.pytree_dataclass
 class Steer(SiteHook):
-  """Adds a direction at every (non-BOS) position, in prefill and in each decode step.
+  """Adds a direction at every (non-BOS) position (``interventions.steer``), in prefill
+  and in each decode step.
 
-  ``scale="norm"``: ``x + coeff * ||x|| * direction / ||direction||`` per token (the
-  tutorial's steering, scale-free across layers); ``scale="raw"``: ``x + coeff * direction``.
   ``direction`` is a NamedArray on the site's feature axis; ``coeff`` is a leaf, so new
   coefficients reuse the compiled model.
   """
@@ -288,48 +293,38 @@ class Steer(SiteHook):
   skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
 
   def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
-    flat, axis, restore = to_features(x)
-    xf = flat.astype(jnp.float32)
-    d = self.direction.astype(jnp.float32)
-    if self.scale == "norm":
-      unit = d / pz.nx.nmap(jnp.linalg.norm)(d.untag(axis))
-      add = self.coeff * pz.nx.nmap(jnp.linalg.norm)(xf.untag(axis)) * unit
-    else:
-      add = self.coeff * d
-    return restore(_where(active_positions(x, side_inputs, self.skip_bos), xf + add, flat))
+    value, back = plain(x)
+    direction = self.direction.unwrap(*self.direction.named_shape)
+    return back(interventions.steer(value, direction, self.coeff,
+                                    position_mask(x, side_inputs, self.skip_bos), self.scale))
 
 
 @pz.pytree_dataclass
 class EditLatents(SiteHook):
-  """Ablates (``values=None``) or clamps chosen latents, keeping the reconstruction error.
+  """Ablates or clamps chosen latents, keeping the reconstruction error
+  (``interventions.edit_latents``).
 
-  The site's value becomes ``x + decode(f') - decode(f)`` with ``f`` the latents of the
-  dictionary's input and ``f'`` the same with ``latents`` set to 0 (ablate) or to
-  ``values`` (clamp, at every non-BOS position). Only the chosen latents' contribution
-  changes; what the dictionary misses (x - decode(f)) stays in. For a transcoder the
-  latents are read from the value stashed at its input site and the edit lands on its
-  output site (the skip term cancels).
+  ``ablate`` and ``clamp_latents`` are static; ``clamp_values`` (one per clamped latent)
+  is a leaf, so new values reuse the compiled model. For a transcoder the latents are
+  read from the value stashed at its input site and the edit lands on its output site.
   """
 
   layer: SAELayer | TranscoderLayer
-  latents: jax.Array
-  values: jax.Array | None
+  clamp_values: jax.Array | None
   input_slot: pz.StateVariable | None
+  ablate: tuple[int, ...] = dataclasses.field(metadata={"pytree_node": False})
+  clamp_latents: tuple[int, ...] = dataclasses.field(metadata={"pytree_node": False})
   site: Site = dataclasses.field(metadata={"pytree_node": False})
   skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
 
   def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
-    flat, axis, restore = to_features(x)
-    source = _take_stash(self.input_slot, self.site, x)
-    f = self.layer.encode(source)
-    new = 0.0 if self.values is None else self.values
-    f_edit = pz.nx.nmap(lambda v: v.at[self.latents].set(new))(f.untag(LATENTS)).tag(LATENTS)
-    if isinstance(self.layer, TranscoderLayer):
-      delta = self.layer.decode(f_edit, source, axis) - self.layer.decode(f, source, axis)
-    else:
-      delta = self.layer.decode(f_edit, axis) - self.layer.decode(f, axis)
-    y = flat.astype(jnp.float32) + delta
-    return restore(_where(active_positions(x, side_inputs, self.skip_bos), y, flat))
+    target, back = plain(x)
+    x_in = plain(_take_stash(self.input_slot, self.site, x))[0]
+    clamp = {i: self.clamp_values[j] for j, i in enumerate(self.clamp_latents)}
+    return back(interventions.edit_latents(
+        self.layer.dictionary, x_in, target, ablate=self.ablate, clamp=clamp,
+        mask=position_mask(x, side_inputs, self.skip_bos),
+        compute_dtype=self.layer.compute_dtype))
 
 
 def direction_array(direction, axis: str, size: int | None = None) -> NamedArray:

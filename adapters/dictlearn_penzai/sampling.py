@@ -34,18 +34,11 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
+from dictlearn.interventions import positions_from_padding
 from dictlearn_gemma.tokenizer import format_chat, special_ids
 
 _BUCKET = 16
 _MAX_STOP_IDS = 8
-
-
-def positions_from_padding(tokens: jax.Array, pad_id: int | None) -> jax.Array:
-  """(batch, seq) positions: 0, 1, ... over non-pad tokens, -1 at pad (penzai's convention)."""
-  if pad_id is None:
-    return jnp.broadcast_to(jnp.arange(tokens.shape[-1], dtype=jnp.int32), tokens.shape)
-  nonpad = tokens != pad_id
-  return jnp.where(nonpad, jnp.cumsum(nonpad, axis=-1, dtype=jnp.int32) - 1, -1)
 
 
 @pz.variable_jit

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     report.add(s.title, _metrics_table(rep_tc), section_id="transcoder-metrics")
 
   with _Step("Per-token loss, clean vs SAE spliced") as s:
-    ptl = A.per_token_loss(model, tokens, sae, site)
+    ptl = A.PerTokenLoss(rep.clean_per_token, rep.spliced_per_token, rep.loss_mask)
     rows = [(strings[t + 1], float(ptl.clean[0, t]), float(ptl.spliced[0, t]))
             for t in range(ptl.clean.shape[1]) if ptl.mask[0, t]]
     for tok_s, c, sp in rows:

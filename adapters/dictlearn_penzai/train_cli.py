@@ -21,7 +21,6 @@ import jax.numpy as jnp
 
 import dictlearn as dl
 import dictlearn.train
-from dictlearn import hookpoints
 from dictlearn_penzai import sites as S
 from dictlearn_penzai.harvesting import harvest, pydoc_corpus
 
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
   if args.kind == "transcoder":
     src, dst = S.mlp_in(args.layer), S.mlp_out(args.layer)
   else:
-    src = dst = S.Site(hookpoints.check_kind(args.site), args.layer)
+    src = dst = S.Site(args.site, args.layer)
   model_name = Path(args.model).stem if args.model else "gemma-3-270m"
   with tempfile.TemporaryDirectory() as tmp:
     act_dir = args.activations or tmp
@@ -94,8 +93,8 @@ def main(argv=None) -> int:
                       max_tokens=args.tokens, model_name=model_name)
     meta = dl.DictMeta(kind=args.kind, site=src.kind, layer=src.layer, site_out=dst.kind,
                        model_name=model_name, l0=args.target_l0,
-                       hook_point_in=hookpoints.hook_point(src.kind, src.layer),
-                       hook_point_out=hookpoints.hook_point(dst.kind, dst.layer))
+                       hook_point_in=src.hook_point,
+                       hook_point_out=dst.hook_point)
     d, history = dl.train.fit(
         folders[src], kind=args.kind, width=args.width, target_l0=args.target_l0,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
