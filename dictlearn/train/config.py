@@ -61,8 +61,12 @@ class TrainConfig:
     init_firing_rate: with threshold_init None, the fraction of rows each latent fires on
       at step 0. None: ``min(0.5, 10 * target_l0 / width)`` (a mean L0 of 10 * target_l0
       at the start, which the sparsity warm-up brings down), or 0.05 without a target.
-    encoder_scale: w_enc starts as decoder^T (SAE) or random unit columns (transcoder)
-      times this.
+    encoder_scale: w_enc starts as decoder^T (SAE) or unit columns (transcoder) times
+      this.
+    dec_init: "data": decoder rows start at distinct rows of the init sample (targets less
+      b_dec, unit-normed; a transcoder's encoder columns at the matching centred inputs),
+      so every latent starts on a direction the data uses; latents beyond
+      ``init_samples`` start random. "random": random unit rows (the paper's start).
     warmup_steps: learning-rate warm-up. None: 5% of steps, at most 1000.
     decay: "cosine", "linear" (over the last 20%) or "constant"; to
       ``learning_rate * final_lr_fraction``.
@@ -106,6 +110,7 @@ class TrainConfig:
   threshold_init: float | None = _init_only(None)
   init_firing_rate: float | None = _init_only(None)
   encoder_scale: float = _init_only(1.0)
+  dec_init: str = _init_only("data")
   warmup_steps: int | None = None
   decay: str = "cosine"
   final_lr_fraction: float = 0.0
@@ -179,6 +184,8 @@ class TrainConfig:
                        f"{self.b_dec_init!r}")
     if self.skip_init not in ("zeros", "lstsq"):
       raise ValueError(f"skip_init must be 'lstsq' or 'zeros', not {self.skip_init!r}")
+    if self.dec_init not in ("data", "random"):
+      raise ValueError(f"dec_init must be 'data' or 'random', not {self.dec_init!r}")
     if self.threshold_init is not None and not self.threshold_init > 0:
       raise ValueError(f"threshold_init must be positive, not {self.threshold_init}")
     if self.init_firing_rate is not None and not 0 < self.init_firing_rate < 1:

@@ -39,6 +39,8 @@ class InitEstimate:
     b_dec: (d_out,) initial decoder bias.
     w_skip: (d_in, d_out) initial skip of an affine transcoder, or None (zeros).
     sample: (n, d_in) the normalised input sample, for the thresholds.
+    targets: (n, d_out) the normalised targets less b_dec and the initial skip (the
+      sample itself, less b_dec, for an SAE), for the decoder rows.
   """
 
   s_in: float
@@ -46,6 +48,7 @@ class InitEstimate:
   b_dec: np.ndarray
   w_skip: np.ndarray | None
   sample: np.ndarray
+  targets: np.ndarray
 
 
 def estimate_init(src, cfg: TrainConfig) -> InitEstimate:
@@ -76,7 +79,7 @@ def estimate_init(src, cfg: TrainConfig) -> InitEstimate:
     b_dec = np.zeros(yn.shape[1])
   return InitEstimate(s_in=s_in, s_out=s_out, b_dec=b_dec.astype(np.float32),
                       w_skip=None if w_skip is None else w_skip.astype(np.float32),
-                      sample=xn.astype(np.float32))
+                      sample=xn.astype(np.float32), targets=(yn - b_dec).astype(np.float32))
 
 
 def _ridge(x, y, rel: float = 1e-4):
@@ -124,6 +127,34 @@ def initial_thresholds(params, sample, cfg: TrainConfig, block_elems: int = 1 <<
   return np.maximum(out, floor)
 
 
+def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig):
+  """Decoder rows (and the SAE's tied encoder; a transcoder's encoder columns read the
+  matching inputs) set to distinct sample rows, unit-normed; latents beyond the sample's
+  size keep their random start."""
+  m = min(cfg.width, init.targets.shape[0])
+  # The sample's order is the source's; pick its rows with the run's seed.
+  pick = np.random.default_rng([cfg.seed, 11]).permutation(init.targets.shape[0])[:m]
+
+  def unit(a):
+    norm = np.linalg.norm(a, axis=1, keepdims=True)
+    return np.where(norm > 1e-12, a / np.maximum(norm, 1e-12), 0.0)
+
+  rows = unit(init.targets[pick])
+  ok = np.linalg.norm(rows, axis=1) > 0  # a zero row (the median itself) stays random
+  w_dec = np.asarray(params["w_dec"]).copy()
+  w_dec[:m][ok] = rows[ok]
+  params = dict(params, w_dec=jnp.asarray(w_dec))
+  w_enc = np.asarray(params["w_enc"]).copy()
+  if cfg.kind == "sae":
+    w_enc[:, :m][:, ok] = rows[ok].T * cfg.encoder_scale
+  else:
+    cols = unit(init.sample[pick] - init.sample.mean(0))
+    good = ok & (np.linalg.norm(cols, axis=1) > 0)
+    w_enc[:, :m][:, good] = cols[good].T * cfg.encoder_scale
+  params["w_enc"] = jnp.asarray(w_enc)
+  return params
+
+
 def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> dict:
   """The train state ``{"params", "opt", "step", "since_fired", "acc"}`` at step 0.
 
@@ -137,6 +168,8 @@ def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> di
       kind=cfg.kind, affine=cfg.affine,
       threshold_init=1.0 if cfg.threshold_init is None else cfg.threshold_init,
       encoder_scale=cfg.encoder_scale, b_dec=b_dec, w_skip=w_skip)
+  if cfg.dec_init == "data" and init is not None:
+    params = _rows_from_data(params, init, cfg)
   if cfg.threshold_init is None and init is not None:
     params["log_threshold"] = jnp.log(jnp.asarray(
         initial_thresholds(params, init.sample, cfg)))
