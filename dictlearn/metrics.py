@@ -1,7 +1,8 @@
 """Reconstruction and language-modelling metrics, each with a token mask.
 
-Every metric takes ``mask`` (same leading shape as the tokens, True = count this token)
-so that BOS and padding can be left out: Gemma Scope 2 dictionaries are not trained on
+Every metric takes ``mask`` (same leading shape as the tokens, True = count this token;
+``interventions.active_positions`` gives the usual one) so that BOS and padding can be
+left out: Gemma Scope 2 dictionaries are not trained on
 BOS, whose activations are huge outliers that would dominate every average.
 
 Shapes: ``x``, ``x_hat`` (..., d); ``f`` (..., width); ``mask`` (...) bool or None;
@@ -27,14 +28,6 @@ def _mask(mask, shape) -> Array:
 
 def _masked_mean(v: Array, m: Array) -> Array:
   return jnp.sum(v * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def bos_mask(tokens: Array, bos_id: int = 2, pad_id: int | None = 0) -> Array:
-  """True where a token is neither BOS nor padding: (..., seq) -> (..., seq) bool."""
-  keep = tokens != bos_id
-  if pad_id is not None:
-    keep = keep & (tokens != pad_id)
-  return keep
 
 
 def mse(x: Array, x_hat: Array, mask=None) -> Array:

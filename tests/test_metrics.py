@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dictlearn import metrics
+from dictlearn import interventions, metrics
 
 
 @st.composite
@@ -56,7 +56,7 @@ def test_cross_entropy_and_delta_loss_match_direct_computation():
     lp = lg - np.log(np.exp(lg).sum(-1, keepdims=True))
     return -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(metrics.cross_entropy(logits, tokens), ce(logits), rtol=1e-5)
-  mask = metrics.bos_mask(tokens)
+  mask = interventions.active_positions(interventions.positions_from_padding(tokens))
   keep = np.asarray(mask)[:, 1:]
   want = ce(patched)[keep].mean() - ce(logits)[keep].mean()
   np.testing.assert_allclose(metrics.delta_loss(logits, patched, tokens, mask), want, rtol=1e-5)
