@@ -282,19 +282,29 @@ def make_plan(d: Dictionary, n: int, k: int = 256, *, backend: str | None = None
     raise ValueError(f"impl must be None, 'xla', 'pallas' or 'pallas_interpret', not {impl!r}")
   if not isinstance(k, (int, np.integer)) or k < 1:
     raise ValueError(f"k must be a positive int (slots per row) but is {k!r}")
-  k, n = int(k), max(1, int(n))
   if backend is None:
     backend = "gpu" if impl == "pallas" else jax.default_backend()
+  # Cached: encode_decode makes a plan on every call, and at one token of a small
+  # dictionary planning from scratch would cost a noticeable share of the call.
+  return _make_plan(
+      d.d_in, d.width, d.d_out, jnp.dtype(d.w_enc.dtype), jnp.dtype(d.w_dec.dtype),
+      max(1, int(n)), int(k), backend, impl, block_width, block_k, spill_rows, weights,
+      select, bool(use_cpu_kernels) and backend == "cpu" and cpu_kernels.available(),
+      tuple(sorted((kernel or {}).items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _make_plan(d_in, width, d_out, enc_dtype, dec_dtype, n, k, backend, impl, block_width,
+               block_k, spill_rows, weights, select, kernels, kernel) -> Plan:
   if impl is None:
     impl = "pallas" if backend == "gpu" and n <= PALLAS_MAX_TOKENS else "xla"
   kernel_plan = None
   if impl != "xla":
     from dictlearn import pallas_encode
-    kernel_plan = pallas_encode.plan(n, d.d_in, d.width, k, **(kernel or {}))
+    kernel_plan = pallas_encode.plan(n, d_in, width, k, **dict(kernel))
     if kernel_plan is None:  # Shapes the kernel does not take: the XLA path.
       impl = "xla"
-  kernels = use_cpu_kernels and backend == "cpu" and cpu_kernels.available()
-  widen_enc = kernels and d.w_enc.dtype == jnp.bfloat16
+  widen_enc = kernels and enc_dtype == jnp.bfloat16
   if weights is None:
     weights = ("slice" if not widen_enc else
                "in_place" if n <= cpu_kernels.MATMUL_BF16_ROWS else "copy")
@@ -302,31 +312,31 @@ def make_plan(d: Dictionary, n: int, k: int = 256, *, backend: str | None = None
     raise ValueError(f"weights must be 'slice', 'in_place' or 'copy', not {weights!r}")
   if weights != "slice" and not widen_enc:
     raise ValueError(f"weights={weights!r} needs bf16 w_enc and the CPU kernels on a CPU")
-  bw, bk = plan_blocks(n, d.d_in, d.width, k, block_width, block_k, backend, weights)
+  bw, bk = plan_blocks(n, d_in, width, k, block_width, block_k, backend, weights)
   sr = int(min(spill_rows or _auto_spill_rows(n), n))
   # The spill pass widens bf16 blocks into float32 copies (``_dense_rows``), so when the
   # encoder reads w_enc in place the spill plans its own, copy-sized blocks.
   spill_weights = "slice" if weights == "slice" else "copy"
   spill_bw = bw
   if weights == "in_place":
-    spill_bw = plan_blocks(sr, d.d_in, d.width, k, block_width, None, backend, "copy")[0]
-  kb = min(k, d.width) if bw == d.width else bk  # Slots one block's selection fills.
+    spill_bw = plan_blocks(sr, d_in, width, k, block_width, None, backend, "copy")[0]
+  kb = min(k, width) if bw == width else bk  # Slots one block's selection fills.
   if select is None:
-    select = ("ffi" if kernels and d.width % bw == 0 else
+    select = ("ffi" if kernels and width % bw == 0 else
               "grouped" if _grouped_fits(bw, kb) and bw // _GROUP >= 16 * kb else "top_k")
   if select not in SELECTS:
     raise ValueError(f"select must be 'ffi', 'top_k' or 'grouped', not {select!r}")
-  if select == "ffi" and not (kernels and d.width % bw == 0):
+  if select == "ffi" and not (kernels and width % bw == 0):
     raise ValueError("select='ffi' needs the CPU kernels on a CPU and blocks that tile "
                      "the width")
   if select == "grouped" and not _grouped_fits(bw, kb):
     raise ValueError(f"select='grouped' needs a block width divisible by {_GROUP} with at "
                      f"least {kb} groups, not {bw}")
-  return Plan(backend=backend, impl=impl, width=d.width, k=k, block_width=bw, block_k=bk,
+  return Plan(backend=backend, impl=impl, width=width, k=k, block_width=bw, block_k=bk,
               weights=weights, select=select, spill_rows=sr, spill_block_width=spill_bw,
               spill_weights=spill_weights,
-              decode_chunk=_decode_chunk(n, k, d.d_out, backend),
-              widen_dec=kernels and d.w_dec.dtype == jnp.bfloat16, kernel=kernel_plan)
+              decode_chunk=_decode_chunk(n, k, d_out, backend),
+              widen_dec=kernels and dec_dtype == jnp.bfloat16, kernel=kernel_plan)
 
 
 # ---------------------------------------------------------------------- block machinery
