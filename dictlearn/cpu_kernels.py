@@ -3,11 +3,11 @@
 - ``select_active(pre, thr, kb)``: for each row of a block of pre-activations, the first
   ``kb`` latents with ``pre > thr`` (values and columns, in column order) and how many
   there are. It stands in for ``lax.top_k`` in the CPU block scan of ``dictlearn.sparse``:
-  XLA:CPU's TopK costs ~3 ns per element and added ~18% to encode_decode at 1024 tokens,
-  where one compare per element is all that compaction needs.
+  XLA:CPU's TopK sorts where one compare per element is all that compaction needs
+  (benchmarks/RESULTS.md has the timings).
 - ``widen_columns / widen_rows / gather_rows``: float32 blocks of bfloat16 weights. XLA:CPU
   converts a bf16 parameter to a float32 copy of the whole array before any loop that
-  reads it (13x slower at one token, 4x w_enc in temporaries at width 1m); custom-call
+  reads it (slow, and several times w_enc in temporaries at width 1m); custom-call
   operands are left alone, so these read just the block a step needs.
 - ``matmul_bf16(x, w, start, width)``: ``x @ w[:, start:start + width]`` for few rows of x
   and bf16 w, widening in registers (AVX2 where the CPU has it). At one token the
@@ -49,9 +49,8 @@ _TARGETS = {"dictlearn_select_active": "DictlearnSelectActive",
 
 # Up to this many rows of x, bf16 products go through matmul_bf16. Its accumulators are
 # shared by the rows, so its tiles shrink as rows grow and XLA's float32 GEMM (which
-# reuses each weight across many rows) wins beyond a few dozen. Measured against the
-# float32 matmul at d_in 1152, width 65k (2-core EPYC): 1.6-2.1x faster at 1 row, 3.2-3.8x
-# at 4, 2.6-3.0x at 8, 2.0x at 16, 1.6x at 32, 0.6x at 64.
+# reuses each weight across many rows) wins beyond a few dozen: the cut-off is where it
+# stopped beating the float32 matmul (benchmarks/RESULTS.md, bfloat16 weights on CPU).
 MATMUL_BF16_ROWS = 32
 
 

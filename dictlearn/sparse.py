@@ -62,10 +62,10 @@ Array = jax.Array
 # columns are copied too (XLA:CPU's dot reads a strided block only after a copy). On CPU
 # both should stay within a slice of the last-level cache and, above all, under glibc's
 # 32 MiB mmap threshold: larger temporaries are mmapped afresh on every call and
-# page-faulted in. The weight budget grows with n, as the matmul per block does (the
-# measurements behind these numbers are in benchmarks/RESULTS.md). One block over the
-# whole width (no weight copy) is used while its pre-activations fit CPU_ONE_BLOCK_BYTES.
-# GPUs want fewer, larger blocks.
+# page-faulted in. The weight budget grows with n, as the matmul per block does. One block
+# over the whole width (no weight copy) is used while its pre-activations fit
+# CPU_ONE_BLOCK_BYTES. GPUs want fewer, larger blocks. The values were tuned on a CPU with
+# a 32 MiB L3; benchmarks/bench_dictionary.py times a change to them.
 CPU_PRE_BYTES = 8 << 20
 CPU_ONE_BLOCK_BYTES = 24 << 20
 GPU_BLOCK_BYTES = 128 << 20
