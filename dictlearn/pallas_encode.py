@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from dictlearn.sparse import Selection
+from dictlearn.sparse.codes import Selection
 
 Array = jax.Array
 
