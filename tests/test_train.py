@@ -6,6 +6,7 @@ learning rates, thresholds and bandwidth than the paper's defaults (which are tu
 100k-step runs), but the properties checked are the real ones.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,13 +18,14 @@ from jax.sharding import Mesh
 
 import dictlearn
 from dictlearn import DictMeta, activation_data as ad
-from dictlearn.train import fit, latest_checkpoint, objective, ste
+from dictlearn.train import TrainConfig, fit, latest_checkpoint, objective, ste
 
-# Short runs: larger learning rate and initial threshold than the paper's 100k-step defaults
-# (thresholds move about learning_rate in log space per step), and Adam with momentum
-# (beta1 0.9 recovers 94-95% here over three seeds, against 92-93% with the paper's 0).
-FAST = dict(threshold_init=0.5, bandwidth=0.05, learning_rate=1e-2, adam_b1=0.9,
-            progress=False)
+# The recovery tests below still use the settings tuned for short runs before the
+# data-derived defaults existed (the paper's random decoder start, a fixed 0.5 threshold
+# start and bandwidth 0.05, one learning rate for the thresholds too, Adam with momentum):
+# with the defaults they recover 77% (SAE) instead of 90%+; see the xfail test below.
+SHORT_RUN = dict(threshold_init=0.5, bandwidth=0.05, learning_rate=1e-2, adam_b1=0.9,
+                 dec_init="random", threshold_learning_rate=1e-2, progress=False)
 
 
 def sparse_data(n, n_feat, d, k, seed, mag=(1.0, 2.0)):
@@ -54,15 +56,24 @@ def tiny():
 
 
 TINY = dict(kind="sae", width=128, target_l0=2, steps=40, batch_size=64, log_every=5,
-            meta=DictMeta(site="resid_post", layer=3, model_name="toy"), **FAST)
+            learning_rate=1e-2, meta=DictMeta(site="resid_post", layer=3, model_name="toy"),
+            progress=False)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny):
+  """``fit(tiny, **TINY)``, run once for every test that compares against it."""
+  return fit(tiny, **TINY)
 
 
 # --------------------------------------------------------------------- recovery
 
 
+@pytest.mark.slow
 def test_sae_recovers_ground_truth():
   x, D, _, _ = sparse_data(100_000, 1024, 128, 4, seed=0)
-  d, h = fit(x, kind="sae", width=2048, target_l0=4, steps=600, batch_size=512, **FAST)
+  d, h = fit(x, kind="sae", width=2048, target_l0=4, steps=600, batch_size=512,
+             **SHORT_RUN)
   assert isinstance(d, dictlearn.JumpReLUSAE) and d.w_dec.shape == (2048, 128)
   frac = recovered(D, d.w_dec)
   assert frac >= 0.9, frac
@@ -75,6 +86,37 @@ def test_sae_recovers_ground_truth():
   assert set(h) >= {"step", "loss", "mse", "l0", "dead_fraction", "fvu"}
   assert h["step"][-1] == 600 and np.all(np.diff(h["step"]) > 0)
   assert h["loss"][-1] < h["loss"][0]
+
+
+def bernoulli_data(n, n_feat, d, l0, seed, mag=(1.0, 2.0)):
+  """x (n, d): each of n_feat random unit directions active with probability l0 / n_feat
+  in each row, magnitude U(mag) when active; returns (x, directions)."""
+  rng = np.random.default_rng(seed)
+  D = rng.standard_normal((n_feat, d))
+  D /= np.linalg.norm(D, axis=1, keepdims=True)
+  x = np.zeros((n, d), np.float32)
+  for i in range(0, n, 8192):  # in chunks: (rows, n_feat) at a time
+    m = min(8192, n - i)
+    a = rng.uniform(*mag, size=(m, n_feat)) * (rng.random((m, n_feat)) < l0 / n_feat)
+    x[i:i + m] = a @ D
+  return x, D
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="the data-derived defaults reach L0 4.8 (target 4) "
+                   "but recover ~60% of the directions, not 90%; see benchmarks/RESULTS.md")
+def test_defaults_reach_the_target_and_recover_the_dictionary():
+  # What a new user writes: the target, the run's size and the learning rate; every other
+  # setting (thresholds, bandwidth, threshold learning rate...) at its default.
+  x, D = bernoulli_data(200_000, 512, 64, 4, seed=0)
+  d, h = fit(x, width=DEFAULT_WIDTH, target_l0=4, steps=3000, batch_size=1024,
+             learning_rate=3e-4, progress=False)
+  l0 = float(dictlearn.metrics.l0(dictlearn.encode(d, x[:16384])))
+  assert abs(l0 - 4) <= 0.2 * 4, l0
+  assert recovered(D, d.w_dec) >= 0.9
+
+
+DEFAULT_WIDTH = 1024
 
 
 def transcoder_data(n, seed=0, n_feat=256, d_s=128, d_g=16, d_out=64, k=4, noise=0.1,
@@ -92,10 +134,11 @@ def transcoder_data(n, seed=0, n_feat=256, d_s=128, d_g=16, d_out=64, k=4, noise
   return x, y.astype(np.float32), E, A
 
 
+@pytest.mark.slow
 def test_transcoder_recovers_sparse_map_and_linear_part():
   x, y, E, A = transcoder_data(100_000)
   d, h = fit(x, targets=y, kind="transcoder", width=1024, target_l0=4, steps=600,
-             batch_size=512, **FAST)
+             batch_size=512, **SHORT_RUN)
   assert isinstance(d, dictlearn.Transcoder) and d.w_skip is not None
   assert recovered(E, d.w_dec) >= 0.9
   l0 = float(dictlearn.metrics.l0(dictlearn.encode(d, x[:8192])))
@@ -107,8 +150,8 @@ def test_transcoder_recovers_sparse_map_and_linear_part():
   assert np.linalg.norm(w_g - a_g) / np.linalg.norm(a_g) < 0.1
 
 
-def test_deterministic_for_a_seed(tiny):
-  d0, h0 = fit(tiny, **TINY)
+def test_deterministic_for_a_seed(tiny, baseline):
+  d0, h0 = baseline
   d1, h1 = fit(tiny, **TINY)
   assert leaves_equal(d0, d1)
   assert all(np.array_equal(h0[k], h1[k]) for k in h0)
@@ -119,8 +162,8 @@ def test_deterministic_for_a_seed(tiny):
 # ------------------------------------------------------------ resume, sharding
 
 
-def test_resume_equals_uninterrupted(tiny, tmp_path):
-  d0, h0 = fit(tiny, **TINY)
+def test_resume_equals_uninterrupted(tiny, baseline, tmp_path):
+  d0, h0 = baseline
   ck = tmp_path / "ck"
   d1, h1 = fit(tiny, checkpoint_dir=ck, checkpoint_every=15, **TINY)
   assert leaves_equal(d0, d1)
@@ -155,10 +198,10 @@ def test_resume_stream_equals_uninterrupted(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("shape,width_axis", [((8,), None), ((4, 2), "width")])
-def test_sharded_equals_unsharded(tiny, shape, width_axis):
+def test_sharded_equals_unsharded(tiny, baseline, shape, width_axis):
   names = ("data",) if len(shape) == 1 else ("data", "width")
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
-  d0, h0 = fit(tiny, **TINY)
+  d0, h0 = baseline
   d1, h1 = fit(tiny, mesh=mesh, width_axis=width_axis, **TINY)
   for a, b in zip(jax.tree_util.tree_leaves(d0), jax.tree_util.tree_leaves(d1)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
@@ -194,7 +237,8 @@ def test_checkpoint_folder_loads_and_names_its_site(tiny, tmp_path):
 def test_transcoder_checkpoint_is_affine(tmp_path):
   x, y, _, _ = transcoder_data(2048, d_s=16, d_g=4, d_out=8, n_feat=32)
   d, _ = fit(x, targets=y, kind="transcoder", width=64, target_l0=2, steps=6, batch_size=32,
-             checkpoint_dir=tmp_path, meta=DictMeta(site="mlp_in", layer=5), **FAST)
+             learning_rate=1e-2, checkpoint_dir=tmp_path, meta=DictMeta(site="mlp_in", layer=5),
+             progress=False)
   loaded = dictlearn.load(latest_checkpoint(tmp_path))
   assert isinstance(loaded, dictlearn.Transcoder) and loaded.w_skip is not None
   assert loaded.meta.site == "mlp_in" and loaded.meta.site_out == "mlp_out"
@@ -298,49 +342,7 @@ def test_bad_arguments(tiny):
 # ------------------------------------------------------------------ data sources
 
 
-def test_permutation_is_a_bijection_and_seekable():
-  for n in (1, 2, 3, 17, 1000, 4097):
-    p = ad.permute_indices(np.arange(n), n, seed=5, epoch=0)
-    assert sorted(p.tolist()) == list(range(n))
-  n, b = 1000, 64
-  seen = np.concatenate([ad.batch_indices(3, t, b, n) for t in range(16)])[:n]
-  assert sorted(seen.tolist()) == list(range(n))  # each row once per epoch
-  np.testing.assert_array_equal(ad.batch_indices(3, 7, b, n), ad.batch_indices(3, 7, b, n))
-  assert not np.array_equal(ad.batch_indices(3, 0, b, n), ad.batch_indices(4, 0, b, n))
-  assert not np.array_equal(ad.batch_indices(3, 0, b, n), np.arange(b))
-
-
-def test_bf16_bits_round_trip():
-  x = np.array([0.0, 1.0, -2.5, 3.14159, 1e-3, np.inf], np.float32)
-  bits = ad.f32_to_bf16_bits(x)
-  back = ad.bf16_bits_to_f32(bits)
-  ref = np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16).astype(np.float32))
-  np.testing.assert_array_equal(back, ref)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_shard_folder_round_trip(tmp_path, dtype):
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((1000, 8)).astype(np.float32)
-  folder = tmp_path / ad.ShardWriter.folder_name("resid_post", 4)
-  with ad.ShardWriter(folder, d=8, site="resid_post", layer=4, dtype=dtype,
-                      shard_rows=300) as w:
-    for i in range(0, 1000, 70):  # chunks that do not line up with shards
-      w.append(x[i:i + 70])
-  meta = json.loads((folder / "meta.json").read_text())
-  assert [s["rows"] for s in meta["shards"]] == [300, 300, 300, 100] and meta["rows"] == 1000
-  assert sorted(os.listdir(folder)) == ["meta.json"] + [f"shard_0000{i}.npy" for i in range(4)]
-  sf = ad.open_shards(tmp_path, "resid_post", 4)
-  assert sf.shape == (1000, 8) and sf.site == "resid_post" and sf.layer == 4
-  want = x if dtype == "float32" else ad.bf16_bits_to_f32(ad.f32_to_bf16_bits(x))
-  idx = np.array([999, 0, 301, 299, 300, 5, 5])
-  np.testing.assert_array_equal(sf.gather(idx), want[idx])
-  np.testing.assert_array_equal(sf[10:20], want[10:20])
-  with pytest.raises(FileExistsError):
-    ad.ShardWriter(folder, d=8)
-
-
-def test_fit_reads_a_shard_folder_and_a_memmap(tiny, tmp_path):
+def test_fit_reads_a_shard_folder_and_a_memmap(tiny, baseline, tmp_path):
   folder = tmp_path / "resid_post_3"
   with ad.ShardWriter(folder, d=16, site="resid_post", layer=3, model_name="toy",
                       hook_point="model.layers.3.output", shard_rows=1000) as w:
@@ -350,30 +352,52 @@ def test_fit_reads_a_shard_folder_and_a_memmap(tiny, tmp_path):
   mm[:] = tiny
   mm.flush()
   kw = dict(TINY, meta=None)
-  d0, _ = fit(tiny, **kw)
+  d0, _ = baseline  # meta does not change the weights
   d1, _ = fit(str(folder), **kw)
   d2, _ = fit(np.load(tmp_path / "x.npy", mmap_mode="r"), **kw)
   assert leaves_equal(d0, d1) and leaves_equal(d0, d2)  # same rows, same order
   assert d1.meta.site == "resid_post" and d1.meta.layer == 3 and d1.meta.model_name == "toy"
 
 
-def test_stream_shuffles_every_row_once():
-  x = np.arange(1000, dtype=np.float32)[:, None].repeat(2, 1)
-
-  def rows_of_one_pass():
-    # A one-shot iterator: the stream ends and the buffer drains, so one pass is exact.
-    src = ad.StreamSource(x[i:i + 37] for i in range(0, 1000, 37))
-    return np.concatenate([b[:, 0] for b, _ in src.batches(100, seed=0, buffer_rows=300)])
-
-  out = rows_of_one_pass()
-  assert sorted(out.tolist()) == list(range(1000))  # every row once
-  assert not np.array_equal(out, np.arange(1000))  # shuffled
-  np.testing.assert_array_equal(out, rows_of_one_pass())  # the same way for a seed
-
-
 def test_transcoder_from_pair_batches():
   x, y, _, _ = transcoder_data(2048, d_s=16, d_g=4, d_out=8, n_feat=32)
   batches = [(x[i:i + 256], y[i:i + 256]) for i in range(0, 2048, 256)]
   d, h = fit(iter(batches), kind="transcoder", width=64, target_l0=2, steps=4,
-             batch_size=64, shuffle_buffer=256, **FAST)
+             batch_size=64, shuffle_buffer=256, learning_rate=1e-2, progress=False)
   assert d.d_in == 20 and d.d_out == 8 and len(h["step"]) >= 1
+
+
+# ------------------------------------------------------------------------ config
+
+
+def test_config_object_and_overrides_agree(tiny, baseline):
+  kw = {k: v for k, v in TINY.items() if k not in ("meta", "progress")}
+  cfg = TrainConfig(**kw)
+  d, h = fit(tiny, cfg, progress=False)
+  assert leaves_equal(d, baseline[0]) and np.array_equal(h["loss"], baseline[1]["loss"])
+  with pytest.raises(TypeError, match="unknown training setting.*'widht'.*width"):
+    fit(tiny, cfg, widht=3)
+
+
+def test_resolve_fills_every_derived_default_once():
+  cfg = TrainConfig(width=64, steps=3000, batch_size=8, learning_rate=3e-4, target_l0=4,
+                    d_in=16).resolve()
+  assert all(getattr(cfg, f.name) is not None for f in dataclasses.fields(cfg)
+             if f.name not in ("threshold_init", "grad_clip"))
+  assert cfg.resolve() == cfg
+  assert cfg.d_out == 16 and cfg.sparsity_coeff == 4.0 and cfg.affine is False
+  assert cfg.warmup_steps == 150 and cfg.sparsity_warmup_steps == 300
+  assert cfg.threshold_learning_rate == pytest.approx(10 / 3000)
+  assert cfg.init_firing_rate == 0.5  # min(0.5, 10 * 4 / 64)
+  with pytest.raises(ValueError, match="width must be a positive integer"):
+    TrainConfig(steps=1, batch_size=1, learning_rate=1.0, target_l0=1, d_in=4).resolve()
+
+
+def test_compile_key_comes_from_field_metadata():
+  cfg = TrainConfig(width=64, steps=100, batch_size=8, learning_rate=1e-3, target_l0=4,
+                    d_in=16).resolve()
+  init_only = {f.name for f in dataclasses.fields(cfg) if not f.metadata.get("step", True)}
+  assert {"seed", "threshold_init", "b_dec_init", "init_samples"} <= init_only
+  assert "bandwidth" not in init_only and "learning_rate" not in init_only
+  assert cfg.replace(seed=5, init_samples=10).step_key() == cfg.step_key()
+  assert cfg.replace(bandwidth=0.5).step_key() != cfg.step_key()

@@ -65,8 +65,10 @@ class TrainConfig:
       this.
     dec_init: "data": decoder rows start at distinct rows of the init sample (targets less
       b_dec, unit-normed; a transcoder's encoder columns at the matching centred inputs),
-      so every latent starts on a direction the data uses; latents beyond
-      ``init_samples`` start random. "random": random unit rows (the paper's start).
+      refined by a few k-means-like rounds where the host work is small (see
+      :mod:`dictlearn.train.init`), so every latent starts on a direction the data uses;
+      latents beyond ``init_samples`` start random. "random": random unit rows (the
+      paper's start).
     warmup_steps: learning-rate warm-up. None: 5% of steps, at most 1000.
     decay: "cosine", "linear" (over the last 20%) or "constant"; to
       ``learning_rate * final_lr_fraction``.

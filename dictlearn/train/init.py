@@ -26,6 +26,11 @@ import numpy as np
 from dictlearn.train import objective
 from dictlearn.train.config import TrainConfig
 
+# k-means-like refinement rounds of the data start, and the host work they may take (each
+# round is a (init_samples, d) x (d, width) product in numpy): wide dictionaries on wide
+# sites get fewer rounds, down to none (plain data rows).
+ROUNDS = 8
+ROUND_FLOPS = 4e11
 METRICS = ("loss", "mse", "l0", "fvu", "penalty")
 
 
@@ -127,32 +132,50 @@ def initial_thresholds(params, sample, cfg: TrainConfig, block_elems: int = 1 <<
   return np.maximum(out, floor)
 
 
-def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig):
-  """Decoder rows (and the SAE's tied encoder; a transcoder's encoder columns read the
-  matching inputs) set to distinct sample rows, unit-normed; latents beyond the sample's
-  size keep their random start."""
-  m = min(cfg.width, init.targets.shape[0])
-  # The sample's order is the source's; pick its rows with the run's seed.
-  pick = np.random.default_rng([cfg.seed, 11]).permutation(init.targets.shape[0])[:m]
+def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig,
+                    block_elems: int = 1 << 24):
+  """Decoder rows (and encoder columns) from the init sample.
 
-  def unit(a):
-    norm = np.linalg.norm(a, axis=1, keepdims=True)
-    return np.where(norm > 1e-12, a / np.maximum(norm, 1e-12), 0.0)
+  Each latent starts at a distinct sample row, then up to ``ROUNDS`` times (as many as
+  ``ROUND_FLOPS`` of host work allow) moves to the mean of
+  the rows it reads most strongly (its top ``m`` of the sample, m the number of rows a
+  latent fires on at the target L0, at least 8): rows that share a latent's strongest
+  direction reinforce it and the rest average out, like a few k-means steps. An SAE's
+  encoder is the decoder transposed; a transcoder's encoder columns are the mean centred
+  inputs of the same rows. Latents beyond the sample's size keep their random start.
+  """
+  xs, ys = init.sample, init.targets
+  n = xs.shape[0]
+  m_lat = min(cfg.width, n)
+  rounds = int(min(ROUNDS, ROUND_FLOPS // max(2.0 * n * m_lat * xs.shape[1], 1.0)))
+  pick = np.random.default_rng([cfg.seed, 11]).permutation(n)[:m_lat]
+  xc = xs - xs.mean(0) if cfg.kind == "transcoder" else ys
 
-  rows = unit(init.targets[pick])
-  ok = np.linalg.norm(rows, axis=1) > 0  # a zero row (the median itself) stays random
+  def unit(a, axis):
+    norm = np.linalg.norm(a, axis=axis, keepdims=True)
+    return a / np.maximum(norm, 1e-12), np.squeeze(norm, axis) > 1e-12
+
+  dec, ok = unit(ys[pick], 1)
+  enc = unit(xc[pick], 1)[0].T if cfg.kind == "transcoder" else dec.T
+  rate = (cfg.target_l0 if cfg.target_l0 is not None else cfg.init_firing_rate * cfg.width)
+  top = int(min(n - 1, max(8, round(n * rate / cfg.width))))
+  step = max(1, block_elems // max(n, 1))
+  for _ in range(rounds):
+    new_dec, new_enc = np.empty_like(dec), np.empty_like(enc)
+    for i in range(0, m_lat, step):
+      pre = xs @ enc[:, i:i + step] if cfg.kind == "transcoder" else ys @ enc[:, i:i + step]
+      idx = np.argpartition(-pre, top, axis=0)[:top]  # (top, block) rows read most
+      w = np.maximum(np.take_along_axis(pre, idx, 0), 0.0)[..., None]
+      new_dec[i:i + step] = (w * ys[idx]).sum(0)
+      new_enc[:, i:i + step] = ((w * xc[idx]).sum(0)).T
+    dec, ok2 = unit(new_dec, 1)
+    enc = unit(new_enc, 0)[0] if cfg.kind == "transcoder" else dec.T
+    ok = ok & ok2
   w_dec = np.asarray(params["w_dec"]).copy()
-  w_dec[:m][ok] = rows[ok]
-  params = dict(params, w_dec=jnp.asarray(w_dec))
   w_enc = np.asarray(params["w_enc"]).copy()
-  if cfg.kind == "sae":
-    w_enc[:, :m][:, ok] = rows[ok].T * cfg.encoder_scale
-  else:
-    cols = unit(init.sample[pick] - init.sample.mean(0))
-    good = ok & (np.linalg.norm(cols, axis=1) > 0)
-    w_enc[:, :m][:, good] = cols[good].T * cfg.encoder_scale
-  params["w_enc"] = jnp.asarray(w_enc)
-  return params
+  w_dec[:m_lat][ok] = dec[ok]
+  w_enc[:, :m_lat][:, ok] = enc[:, ok] * cfg.encoder_scale
+  return dict(params, w_dec=jnp.asarray(w_dec), w_enc=jnp.asarray(w_enc))
 
 
 def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> dict:

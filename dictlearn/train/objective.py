@@ -28,7 +28,8 @@ quadratic target form (the "target L0" variant of SAEBench / dictionary_learning
 trainer) penalises being *below* the target too, which pulls L0 onto the target instead of
 asking the user to search for the coefficient that lands there. It is a proportional
 controller, so L0 settles a little off the target; with the default coefficient
-(d_out / 4, see ``fit``) the synthetic benchmarks end within 5% of it. We chose it over an
+(d_out / 4, see :class:`~dictlearn.train.config.TrainConfig`) the offset is small
+(benchmarks/RESULTS.md). We chose it over an
 adaptive (integral) coefficient because it keeps the loss a fixed function of the
 parameters, which makes runs, resumes and sharded runs easy to compare exactly.
 """
