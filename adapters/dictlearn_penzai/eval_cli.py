@@ -1,0 +1,199 @@
+"""``dictlearn eval``: score dictionaries over a corpus (SAEBench core metrics), JSON + HTML.
+
+Example (the two demo dictionaries on the default corpus)::
+
+  dictlearn eval --dictionary demo/sae demo/transcoder --tokens 20000 --out results/
+
+One streamed pass evaluates every dictionary (``dictlearn_penzai.evaluate``); each gets
+``<out>/<name>.json`` (SAEBench core's ``eval_result_metrics`` layout, plus the config),
+and ``<out>/summary.html`` plots L0 against FVU and against the CE loss score, one point
+per dictionary (self-contained: plotly inline, no network). The default corpus is the
+licence texts Debian ships in /usr/share/common-licenses (English prose), else Python's
+pydoc topics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="dictlearn eval", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--dictionary", nargs="+", required=True,
+                  help="dictionary folders (Gemma Scope 2 layout, dictlearn.load)")
+  ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
+                  "'pydoc' (default: /usr/share/common-licenses, else pydoc)")
+  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--tokens", type=int, default=20_000, help="non-padding tokens to evaluate")
+  ap.add_argument("--seq-len", type=int, default=128)
+  ap.add_argument("--batch-size", type=int, default=4)
+  ap.add_argument("--dense-threshold", type=float, default=0.1)
+  ap.add_argument("--out", default="results", help="output folder")
+  ap.add_argument("--no-progress", action="store_true")
+  return ap
+
+
+def _file_name(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "dictionary"
+
+
+def _get(m: dict, group: str, key: str):
+  v = m.get(group, {}).get(key)
+  return float("nan") if v is None else v
+
+
+def summary_html(results: dict[str, dict], *, corpus: str, model: str, tokens: int | None,
+                 seq_len: int) -> str:
+  """The summary page: a table and two plotly scatters (L0 vs FVU, L0 vs CE loss score)."""
+  import plotly.graph_objects as go
+  from plotly.subplots import make_subplots
+
+  names = list(results)
+  l0 = [_get(results[n], "sparsity", "l0") for n in names]
+  fvu = [_get(results[n], "misc_metrics", "fvu") for n in names]
+  ce = [_get(results[n], "model_performance_preservation", "ce_loss_score") for n in names]
+  # Plotly reads a few HTML tags in hover text: give it the names escaped, as text.
+  safe = [html.escape(n) for n in names]
+  fig = make_subplots(rows=1, cols=2, subplot_titles=("L0 vs FVU", "L0 vs CE loss score"))
+  for col, ys, label in ((1, fvu, "FVU"), (2, ce, "CE loss score")):
+    fig.add_trace(go.Scatter(
+        x=l0, y=ys, mode="markers", text=safe, showlegend=False, marker=dict(size=10),
+        hovertemplate="%{text}<br>L0 %{x:.1f}<br>" + label + " %{y:.4f}<extra></extra>"),
+        row=1, col=col)
+    fig.update_xaxes(title_text="L0", row=1, col=col)
+    fig.update_yaxes(title_text=label, row=1, col=col)
+  fig.update_layout(height=450, margin=dict(t=40))
+  plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id="evals-plot")
+  fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+  rows = "".join(
+      f"<tr><td>{html.escape(n)}</td><td>{fmt(m['sparsity']['l0'])}</td>"
+      f"<td>{fmt(m['misc_metrics']['fvu'])}</td>"
+      f"<td>{fmt(m['model_performance_preservation']['ce_loss_score'])}</td>"
+      f"<td>{fmt(m['model_behavior_preservation']['kl_div_score'])}</td>"
+      f"<td>{fmt(m['misc_metrics']['delta_loss'])}</td>"
+      f"<td>{fmt(m['misc_metrics']['dead_fraction'])}</td></tr>"
+      for n, m in results.items())
+  title = "dictlearn eval"
+  return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<script>
+window.addEventListener("error", function (e) {{
+  var el = document.documentElement;
+  el.setAttribute("data-js-errors", (el.getAttribute("data-js-errors") || "") + e.message + ";");
+}});
+</script>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+</style></head>
+<body><h1>{title}</h1>
+<p id="eval-config">model <code>{html.escape(str(model))}</code>, corpus
+<code>{html.escape(str(corpus))}</code>, {html.escape(str(tokens))} tokens,
+sequences of {int(seq_len)}</p>
+<table id="eval-table"><tr><th>dictionary</th><th>L0</th><th>FVU</th><th>CE loss score</th>
+<th>KL div score</th><th>delta loss</th><th>dead</th></tr>{rows}</table>
+{plot}
+</body></html>
+"""
+
+
+def write_results(results: dict[str, dict], out, *, corpus: str, model: str,
+                  tokens: int | None, seq_len: int, info: dict | None = None) -> list[Path]:
+  """``<out>/<name>.json`` per dictionary and ``<out>/summary.html``; returns the paths."""
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  paths, used = [], set()
+  for name, m in results.items():
+    stem = _file_name(name)
+    while stem in used or stem == "summary":
+      stem += "_"
+    used.add(stem)
+    doc = {"eval_type_id": "core", "dictionary": name, **(info or {}).get(name, {}),
+           "eval_config": {"model": str(model), "corpus": str(corpus), "tokens": tokens,
+                           "seq_len": seq_len},
+           "eval_result_metrics": m}
+    p = out / f"{stem}.json"
+    p.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False))
+    paths.append(p)
+  page = out / "summary.html"
+  page.write_text(summary_html(results, corpus=corpus, model=model, tokens=tokens,
+                               seq_len=seq_len), encoding="utf-8")
+  return [*paths, page]
+
+
+def _finite(o):
+  """``o`` with NaN and infinities as None (strict JSON)."""
+  if isinstance(o, dict):
+    return {k: _finite(v) for k, v in o.items()}
+  if isinstance(o, (list, tuple)):
+    return [_finite(v) for v in o]
+  if isinstance(o, float) and not math.isfinite(o):
+    return None
+  return o
+
+
+def _fail(msg: str) -> int:
+  print(f"dictlearn eval: {msg}", file=sys.stderr)
+  return 2
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  import dictlearn as dl
+  from dictlearn_gemma import corpus as C
+  from dictlearn_penzai import hooks
+  from dictlearn_penzai.evaluate import evaluate, named_dictionaries
+  from dictlearn_penzai.train_cli import default_model
+
+  dicts = []
+  for ref in args.dictionary:
+    try:
+      dicts.append(dl.load(ref))
+    except (FileNotFoundError, ValueError) as e:
+      return _fail(f"cannot load the dictionary {ref!r}: {e}")
+  if args.corpus in (None, ""):
+    corpus_name, corpus = C.default_corpus()
+  elif args.corpus == "pydoc":
+    corpus_name, corpus = "pydoc", C.pydoc_documents()
+  elif not Path(args.corpus).exists():
+    return _fail(f"--corpus {args.corpus} does not exist (a folder of text files, a file, "
+                 "or 'pydoc')")
+  else:
+    corpus_name, corpus = args.corpus, args.corpus
+  model_path = args.model or default_model()
+  if args.model and not args.model.startswith("kaggle:") and not Path(args.model).exists():
+    return _fail(f"no model at {args.model}")
+  from dictlearn_penzai.loading import load_gemma3
+  model, tok = load_gemma3(model_path)
+  named = named_dictionaries(dicts)
+  info = {}
+  for (name, d), ref in zip(named.items(), args.dictionary):
+    try:
+      src, dst = hooks.read_write_sites(model, d)
+    except ValueError as e:
+      return _fail(f"{ref}: {e}")
+    info[name] = {"source": ref, "site_in": str(src), "site_out": str(dst),
+                  "width": d.width, "kind": type(d).__name__}
+  results = evaluate(model, tok, corpus, named, tokens=args.tokens, seq_len=args.seq_len,
+                     batch_size=args.batch_size, progress=not args.no_progress,
+                     dense_threshold=args.dense_threshold)
+  paths = write_results(results, args.out, corpus=corpus_name, model=model_path,
+                        tokens=args.tokens, seq_len=args.seq_len, info=info)
+  for name, m in results.items():
+    print(f"{name}: L0 {m['sparsity']['l0']:.1f}  FVU {m['misc_metrics']['fvu']:.4f}  "
+          f"CE score {m['model_performance_preservation']['ce_loss_score']}  "
+          f"KL score {m['model_behavior_preservation']['kl_div_score']}")
+  print("wrote " + ", ".join(map(str, paths)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
