@@ -224,3 +224,16 @@ def test_summary_page_renders_and_names_stay_text(model, tmp_path):
 def test_cli_refuses_a_missing_dictionary(capsys):
   assert eval_cli.main(["--dictionary", "/no/such/sae"]) == 2
   assert "cannot load the dictionary" in capsys.readouterr().err
+
+
+def test_eval_is_registered_and_described():
+  import importlib.metadata
+  import tomllib
+  from pathlib import Path
+
+  from dictlearn import cli
+  cfg = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+  value = cfg["project"]["entry-points"]["dictlearn.commands"]["eval"]
+  ep = importlib.metadata.EntryPoint("eval", value, cli.GROUP)
+  assert ep.module == "dictlearn_penzai.eval_cli"
+  assert cli.describe(ep).startswith("score dictionaries over a corpus")
