@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,9 @@ import numpy as np
 
 from dictlearn import cpu_kernels
 from dictlearn.dictionary import Dictionary
+
+if TYPE_CHECKING:
+  from dictlearn.pallas_encode import KernelPlan
 
 # One block of pre-activations is (n, block_width) float32, and on CPU the block's w_enc
 # columns are copied too (XLA:CPU's dot reads a strided block only after a copy). On CPU
@@ -135,7 +139,7 @@ class Plan:
   spill_weights: str
   decode_chunk: int
   widen_dec: bool
-  kernel: object = None  # pallas_encode.KernelPlan for the Pallas impls, else None.
+  kernel: KernelPlan | None = None  # The Pallas impls' tiling.
 
   @property
   def num_blocks(self) -> int:
