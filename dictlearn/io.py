@@ -179,6 +179,16 @@ def load(ref: str | os.PathLike, *, revision: str | None = None,
 
   Returns:
     A ``JumpReLUSAE`` or ``Transcoder`` whose ``meta`` names its site, layer and source.
+    Its weights are ``jax.Array`` (committed to ``sharding`` when one is given), or
+    ``numpy.memmap`` with ``mmap=True``.
+
+  Raises:
+    DictionaryFileError: a file that is missing tensors, has extra ones, wrong shapes or
+      dtypes, a config that disagrees with it, a truncated file or a header that lies
+      (before any tensor is read), or non-finite weights (while reading).
+    ValueError: a sharding that does not fit (see above; the width must divide evenly
+      over the width axis), or options that cannot be combined.
+    FileNotFoundError, PermissionError: a hub reference that cannot be fetched.
   """
   if dtype is not None:
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -434,6 +444,8 @@ def _npz_layout(params: Path) -> dict[str, _Stored]:
         if not info.filename.endswith(".npy"):
           raise DictionaryFileError(f"{bad}: member {info.filename!r} is not an .npy array")
         name = info.filename[:-4]
+        if info.flag_bits & 0x1:
+          raise DictionaryFileError(f"{params}: member {info.filename!r} is encrypted")
         if info.compress_type == zipfile.ZIP_STORED:
           raw.seek(info.header_offset)
           local = raw.read(30)
@@ -555,9 +567,9 @@ class _Reader:
       k = self.file.readinto(view[got:])
       if not k:
         raise DictionaryFileError(
-            f"{self.where} is not a readable safetensors file (truncated or corrupt?): it "
-            f"ended at byte {offset + got} while its header promised more (did it change "
-            "while loading?)")
+            f"{self.where} is not readable (truncated or corrupt?): it ended at byte "
+            f"{offset + got} while its header promised more (did it change while "
+            "loading?)")
       got += k
 
   def read(self, field: str, t: _Stored, index, out: np.ndarray) -> int:
@@ -649,7 +661,8 @@ def _materialize(layout: dict[str, _Stored], cfg: dict, *, source: str, where: s
   try:
     arrays = {}
     for name, t in stored.items():
-      dtype = opts.dtype or np.dtype(jax.dtypes.canonicalize_dtype(t.dtype))
+      dtype = opts.dtype if opts.dtype is not None else np.dtype(
+          jax.dtypes.canonicalize_dtype(t.dtype))  # As jnp.asarray would store it.
       arrays[name] = _place(reader, name, t, dtype, shardings[name], opts.stats)
       reader.forget()
   finally:
