@@ -118,6 +118,16 @@ def test_width_sharded_reads_only_each_devices_slices(tmp_path, how):
     assert shard.data.shape == (16, 64)
 
 
+def test_width_over_two_mesh_axes(tmp_path):
+  folder = dl.save(_dictionary("affine", 4, 16, np.float32, 5), tmp_path)
+  mesh = _mesh(8, "make_mesh", shape=(2, 4), names=("data", "width"))
+  d = dl.load(folder, sharding=NamedSharding(mesh, P(None, ("data", "width"))))
+  _assert_bit_equal(d, _old_load(folder))
+  assert d.b_enc.sharding == NamedSharding(mesh, P(("data", "width")))
+  assert d.w_dec.sharding == NamedSharding(mesh, P(("data", "width"), None))
+  assert d.w_enc.addressable_shards[0].data.shape == (4, 2)
+
+
 def test_replicated_and_single_device_shardings(tmp_path):
   folder = dl.save(_dictionary("sae", 4, 8, np.float32, 1), tmp_path)
   ref = _old_load(folder)
