@@ -21,3 +21,6 @@ from dictlearn_gemma.tokenizer import Tokenizer, format_chat
 
 # Harvesting activations for training (dictlearn.train.fit reads the shards).
 from dictlearn_penzai.harvesting import harvest
+
+# Corpus-level evals (SAEBench core metrics) of many dictionaries in one pass.
+from dictlearn_penzai.evaluate import evaluate
