@@ -210,7 +210,7 @@ def main():
   args.impl = "pallas_interpret" if args.interpret else "pallas"
   if jax.default_backend() != "gpu":
     print(f"note: backend is {jax.default_backend()}, not gpu; the kernel needs a GPU "
-          "(tests/test_pallas.py runs it in interpret mode)", file=sys.stderr)
+          "(tests/core/test_pallas.py runs it in interpret mode)", file=sys.stderr)
   if args.sweep:
     run_sweep(args)
   else:

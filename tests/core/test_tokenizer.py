@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from dictlearn_gemma.tokenizer import Tokenizer, format_chat, special_ids
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import dictlearn as dl
 from dictlearn import io
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def _same(a, b):
