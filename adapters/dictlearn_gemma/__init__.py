@@ -11,6 +11,8 @@ Modules:
   tokenizer         ``Tokenizer`` (SentencePiece, from ``tokenizer.model`` or GGUF metadata),
                     ``format_chat``
   loading           ``load_params(source) -> (params, tokenizer)`` for every format above
+  corpus            text corpora (folders, files, strings, ``datasets``) cut into token
+                    sequences with BOS first, for harvesting and evals
 
 Nothing here imports a neural-network framework; ``dictlearn_penzai.load_gemma3`` builds a
 penzai model from ``load_params``' tree. Needs the ``gemma`` extra:

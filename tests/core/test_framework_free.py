@@ -17,6 +17,7 @@ MODULES = [
     "dictlearn.sites",
     "dictlearn.interventions",
     "dictlearn.analysis",
+    "dictlearn.evals",
     "dictlearn.metrics",
     "dictlearn.sparse",
     "dictlearn.sharding",
@@ -34,6 +35,7 @@ MODULES = [
     "dictlearn_gemma.load_orbax",
     "dictlearn_gemma.tokenizer",
     "dictlearn_gemma.loading",
+    "dictlearn_gemma.corpus",
 ]
 
 _CHECK = """
