@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 
+from dictlearn import report
+
 
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="dictlearn eval", description=__doc__,
@@ -80,29 +82,12 @@ def summary_html(results: dict[str, dict], *, corpus: str, model: str, tokens: i
       f"<td>{fmt(m['misc_metrics']['delta_loss'])}</td>"
       f"<td>{fmt(m['misc_metrics']['dead_fraction'])}</td></tr>"
       for n, m in results.items())
-  title = "dictlearn eval"
-  return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{title}</title>
-<script>
-window.addEventListener("error", function (e) {{
-  var el = document.documentElement;
-  el.setAttribute("data-js-errors", (el.getAttribute("data-js-errors") || "") + e.message + ";");
-}});
-</script>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: .5em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-</style></head>
-<body><h1>{title}</h1>
-<p id="eval-config">model <code>{html.escape(str(model))}</code>, corpus
+  return report.page("dictlearn eval", f"""<p id="eval-config">model <code>{html.escape(str(model))}</code>, corpus
 <code>{html.escape(str(corpus))}</code>, {html.escape(str(tokens))} tokens,
 sequences of {int(seq_len)}</p>
 <table id="eval-table"><tr><th>dictionary</th><th>L0</th><th>FVU</th><th>CE loss score</th>
 <th>KL div score</th><th>delta loss</th><th>dead</th></tr>{rows}</table>
-{plot}
-</body></html>
-"""
+{plot}""")
 
 
 def write_results(results: dict[str, dict], out, *, corpus: str, model: str,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dictlearn import report
+
 DEMO = Path(__file__).parent / "demo"
 DEFAULT_PROMPT = ("The for statement is used to iterate over the elements of a sequence "
                   "(such as a string, tuple or list) or other iterable object.")
@@ -220,27 +222,7 @@ class Report:
     self.sections.append(f"<section{sid}><h2>{html.escape(heading)}</h2>{body}</section>")
 
   def html(self) -> str:
-    # The error hook records script errors on <html data-js-errors>, which a headless
-    # browser's DOM dump shows: the report's own test reads it.
-    return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>
-<script>
-window.addEventListener("error", function (e) {{
-  var el = document.documentElement;
-  el.setAttribute("data-js-errors", (el.getAttribute("data-js-errors") || "") + e.message + ";");
-}});
-</script>
-<style>
-body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
-table {{ border-collapse: collapse; margin: .5em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-pre {{ background: #f6f6f6; padding: .5em; }}
-.note {{ color: #666; font-size: 90%; }}
-</style></head>
-<body><h1>{html.escape(self.title)}</h1>
-{''.join(self.sections)}
-</body></html>
-"""
+    return report.page(self.title, "".join(self.sections))
 
 
 if __name__ == "__main__":

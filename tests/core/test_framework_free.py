@@ -18,6 +18,7 @@ MODULES = [
     "dictlearn.interventions",
     "dictlearn.analysis",
     "dictlearn.evals",
+    "dictlearn.report",
     "dictlearn.metrics",
     "dictlearn.sparse",
     "dictlearn.sharding",
