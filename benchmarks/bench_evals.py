@@ -17,7 +17,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import dictlearn as dl

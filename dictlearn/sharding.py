@@ -42,6 +42,21 @@ from dictlearn.dictionary import Dictionary
 Array = jax.Array
 
 
+def auto_axes(mesh: Mesh) -> Mesh:
+  """``mesh`` with every axis of type Auto (the same devices and names).
+
+  ``jax.make_mesh`` gives Explicit axes, whose shardings are part of array types; the
+  functions here place arrays with shardings and constraints, which is what Auto axes
+  mean, so every function taking a mesh runs on this view of it. Arrays already placed
+  on the original mesh are used where they lie.
+  """
+  types = getattr(mesh, "axis_types", None)
+  auto = jax.sharding.AxisType.Auto
+  if types is None or all(t == auto for t in types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
+
+
 def dictionary_specs(d: Dictionary, width_axis: str = "width") -> Dictionary:
   """A pytree like ``d`` whose leaves are the PartitionSpecs of the table above."""
   specs = dict(w_enc=P(None, width_axis), b_enc=P(width_axis), threshold=P(width_axis),
@@ -63,6 +78,7 @@ def _check_mesh(d: Dictionary, mesh: Mesh, width_axis: str, data_axis: str | Non
 
 def shard_dictionary(d: Dictionary, mesh: Mesh, width_axis: str = "width") -> Dictionary:
   """Places d's width axis over ``mesh[width_axis]`` (other mesh axes hold replicas)."""
+  mesh = auto_axes(mesh)
   _check_mesh(d, mesh, width_axis, None)
   specs = dictionary_specs(d, width_axis)
   return jax.tree_util.tree_map(
@@ -71,6 +87,7 @@ def shard_dictionary(d: Dictionary, mesh: Mesh, width_axis: str = "width") -> Di
 
 def shard_tokens(x: Array, mesh: Mesh, data_axis: str | None = None) -> Array:
   """Places x (n, ...) with its first axis over ``data_axis`` (replicated if None)."""
+  mesh = auto_axes(mesh)
   spec = P(data_axis) if data_axis else P()
   return jax.device_put(x, NamedSharding(mesh, spec))
 
@@ -94,6 +111,7 @@ def _encode(d, x, mesh, width_axis, data_axis, compute_dtype):
 def encode(d: Dictionary, x: Array, mesh: Mesh, *, width_axis: str = "width",
            data_axis: str | None = None, compute_dtype=jnp.float32) -> Array:
   """``dictionary.encode`` on a sharded d: f (..., width) stays split by latent, no comms."""
+  mesh = auto_axes(mesh)
   return _encode(d, x, mesh, width_axis, data_axis, jnp.dtype(compute_dtype).name)
 
 
@@ -106,6 +124,7 @@ def _decode(d, f, x, mesh, data_axis, compute_dtype):
 def decode(d: Dictionary, f: Array, x: Array | None = None, *, mesh: Mesh,
            data_axis: str | None = None, compute_dtype=jnp.float32) -> Array:
   """``dictionary.decode``: partial products per width shard, one all-reduce."""
+  mesh = auto_axes(mesh)
   return _decode(d, f, x, mesh, data_axis, jnp.dtype(compute_dtype).name)
 
 
@@ -118,6 +137,7 @@ def _forward(d, x, mesh, data_axis, compute_dtype):
 def forward(d: Dictionary, x: Array, mesh: Mesh, *, data_axis: str | None = None,
             compute_dtype=jnp.float32) -> Array:
   """``dictionary.forward`` on a sharded d (encode without comms, decode all-reduce)."""
+  mesh = auto_axes(mesh)
   return _forward(d, x, mesh, data_axis, jnp.dtype(compute_dtype).name)
 
 
@@ -179,6 +199,7 @@ def encode_decode(d: Dictionary, x: Array, mesh: Mesh, *, k: int = 256,
   (padded to a multiple of its size). Returns (y (..., d_out), SparseCodes) like the
   single-device function (y is None when ``with_y`` is False: encode_sparse).
   """
+  mesh = auto_axes(mesh)
   _dict.check_input(d, x)
   _check_mesh(d, mesh, width_axis, data_axis)
   lead = x.shape[:-1]

@@ -14,7 +14,7 @@ from penzai import pz
 import dictlearn_penzai as dp
 from dictlearn import catalog
 from dictlearn.sites import KINDS as SITE_KINDS
-from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
+from dictlearn_gemma.config import PRESETS, get_preset
 from dictlearn_gemma.params import (
     check_params, expected_shapes, infer_config, init_gemma_params, normalize_gemma_params)
 from dictlearn_penzai.hookpoint import HookPoint

@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dictlearn.activation_data import ArraySource, as_source, prefetch, random_access_batches
 from dictlearn.dictionary import DictMeta
+from dictlearn.sharding import auto_axes
 from dictlearn.train import checkpoint as ckpt
 from dictlearn.train import history as hist
 from dictlearn.train import objective
@@ -75,9 +76,10 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
     config: a :class:`TrainConfig` (default: all defaults).
     targets: transcoder outputs y (N, d_out) paired row by row with data (array, memmap or
       shard folder).
-    mesh: a device mesh for data-parallel training: the batch is split along
-      ``data_axis``; the dictionary is replicated, or split along its width over
-      ``width_axis`` when given. batch_size must divide by the data axis size.
+    mesh: a device mesh (``jax.make_mesh`` or ``Mesh``) for data-parallel training: the
+      batch is split along ``data_axis``; the dictionary is replicated, or split along
+      its width over ``width_axis`` when given. batch_size must divide by the data axis
+      size.
     checkpoint_dir: write checkpoints there every ``checkpoint_every`` steps and at the end
       (keeping ``keep_checkpoints``), and resume from the newest one found.
     meta: the DictMeta to give the dictionary (site, layer, model name...); taken from a
@@ -96,6 +98,8 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
     raise ValueError("targets are for transcoders; an SAE reconstructs its input")
   src = as_source(data, targets)
   cfg = cfg.resolve(src)
+  if mesh is not None:
+    mesh = auto_axes(mesh)  # A jax.make_mesh mesh (Explicit axes) works as well.
   if mesh is not None and cfg.batch_size % mesh.shape[data_axis]:
     raise ValueError(
         f"batch_size={cfg.batch_size} does not split over the mesh axis {data_axis!r} of "

@@ -16,12 +16,18 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (CPU) de
 
 
 def meshes():
+  """Meshes both ways: ``Mesh`` (Auto axes) and ``jax.make_mesh`` (Explicit axes)."""
   devs = np.array(jax.devices()[:8])
   return {"width8": (Mesh(devs, ("width",)), None),
-          "width2xdata4": (Mesh(devs.reshape(2, 4), ("width", "data")), "data")}
+          "width2xdata4": (Mesh(devs.reshape(2, 4), ("width", "data")), "data"),
+          "make_mesh_width8": (jax.make_mesh((8,), ("width",), devices=list(devs)), None),
+          "make_mesh_width2xdata4": (jax.make_mesh((2, 4), ("width", "data"),
+                                                   devices=list(devs)), "data")}
 
 
-@pytest.mark.parametrize("mesh_name,kind", [("width8", "sae"), ("width2xdata4", "affine")])
+@pytest.mark.parametrize("mesh_name,kind", [("width8", "sae"), ("width2xdata4", "affine"),
+                                            ("make_mesh_width8", "affine"),
+                                            ("make_mesh_width2xdata4", "sae")])
 def test_sharded_equals_single_device(mesh_name, kind):
   mesh, data_axis = meshes()[mesh_name]
   d = make_dictionary(11, 16, 512, kind=kind, threshold=1.6)

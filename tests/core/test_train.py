@@ -197,10 +197,15 @@ def test_resume_stream_equals_uninterrupted(tiny, tmp_path):
   assert leaves_equal(d0, d1)
 
 
-@pytest.mark.parametrize("shape,width_axis", [((8,), None), ((4, 2), "width")])
-def test_sharded_equals_unsharded(tiny, baseline, shape, width_axis):
+@pytest.mark.parametrize("shape,width_axis,make", [((8,), None, "Mesh"),
+                                                   ((4, 2), "width", "Mesh"),
+                                                   ((2,), None, "make_mesh"),
+                                                   ((4, 2), "width", "make_mesh")])
+def test_sharded_equals_unsharded(tiny, baseline, shape, width_axis, make):
   names = ("data",) if len(shape) == 1 else ("data", "width")
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), names)
+  n = int(np.prod(shape))
+  mesh = (jax.make_mesh(shape, names, devices=jax.devices()[:n]) if make == "make_mesh"
+          else Mesh(np.array(jax.devices()[:n]).reshape(shape), names))
   d0, h0 = baseline
   d1, h1 = fit(tiny, mesh=mesh, width_axis=width_axis, **TINY)
   for a, b in zip(jax.tree_util.tree_leaves(d0), jax.tree_util.tree_leaves(d1)):
