@@ -43,7 +43,9 @@ import importlib.util, sys
 found = [m for m in ("penzai", "treescope", "flax", "equinox") if importlib.util.find_spec(m)]
 sys.exit(f"the core test environment has {found} installed" if found else 0)
 PY
-    exec "$core/bin/python" -m pytest tests/core
+    # The slow tests (long training runs, the real 270M) ran above; their imports are the
+    # same as the quick ones'.
+    exec "$core/bin/python" -m pytest tests/core -m "not slow"
     ;;
   *)
     echo "usage: ./run.sh tour [options] | ./run.sh test [pytest options]" >&2
