@@ -18,6 +18,7 @@ import dictlearn_penzai as dp
 from dictlearn_gemma.config import PRESETS
 from dictlearn_gemma.params import init_gemma_params
 from dictlearn_gemma.tokenizer import Tokenizer
+from gemma_layouts import flat_layout, nested_layout
 
 TINY = PRESETS["tiny"]
 TOKENS = np.array([2, 40, 41, 7, 300, 12, 9, 100])
@@ -82,33 +83,15 @@ def write_hf_folder(folder, params, config, tokenizer=None, prefix="model.", ext
     tokenizer.save(os.path.join(folder, "tokenizer.model"))
 
 
-def nested_layout(params):
-  """The ``gemma`` package's NESTED layout (``model.init()``): no "transformer" root, MLP
-  weights without the "w" leaf."""
-  nested = {}
-  for key, value in params.items():
-    parts = key.removeprefix("transformer/").split("/")
-    if parts[-2:] in (["gating_einsum", "w"], ["linear", "w"]):
-      parts = parts[:-1]
-    node = nested
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = np.asarray(value)
-  return nested
-
-
 def write_orbax_kaggle(folder, params, tokenizer=None, name="gemma3-tiny", nested=False):
   """Kaggle layout: folder/tokenizer.model and folder/<name>/ (FLAT orbax checkpoint, or the
   NESTED one that ``gemma``'s own ``ckpts.save_params`` writes)."""
   import orbax.checkpoint as ocp
-  flat = {}
-  for key, value in params.items():
-    module, leaf = key.rsplit("/", 1)
-    flat.setdefault(module, {})[leaf] = np.asarray(value)
+  arrays = {k: np.asarray(v) for k, v in params.items()}
   os.makedirs(folder, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(os.path.abspath(folder), name),
-                    nested_layout(params) if nested else flat)
+                    nested_layout(arrays) if nested else flat_layout(arrays))
   checkpointer.wait_until_finished()
   if tokenizer is not None:
     tokenizer.save(os.path.join(folder, "tokenizer.model"))

@@ -19,6 +19,7 @@ from dictlearn_gemma.params import (
     check_params, expected_shapes, infer_config, init_gemma_params, normalize_gemma_params)
 from dictlearn_penzai.hookpoint import HookPoint
 from gemma3_numpy_reference import reference_logits
+from gemma_layouts import flat_layout, nested_layout
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY = PRESETS["tiny"]
@@ -210,21 +211,7 @@ def test_bfloat16_parameters_with_float32_activations(tiny):
 
 def test_param_tree_layouts_all_normalize_to_the_canonical_tree(tiny):
   params, model = tiny
-  # Kaggle FLAT: {"transformer/layer_0/attn/q_einsum": {"w": ...}}.
-  flat = {}
-  for key, value in params.items():
-    module, leaf = key.rsplit("/", 1)
-    flat.setdefault(module, {})[leaf] = value
-  # NESTED (model.init()): no "transformer" root, MLP weights without the "w" leaf.
-  nested = {}
-  for key, value in params.items():
-    parts = key.removeprefix("transformer/").split("/")
-    if parts[-2:] in (["gating_einsum", "w"], ["linear", "w"]):
-      parts = parts[:-1]
-    node = nested
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
+  flat, nested = flat_layout(params), nested_layout(params)
   nested["vision_encoder"] = {"junk": np.zeros(3)}  # Multimodal parts are ignored.
   nested["embedder"]["mm_input_projection"] = {"w": np.zeros(3)}
   for tree in (flat, nested, {"params": nested}):
