@@ -4,13 +4,12 @@ Replace hook), the exact and zero dictionaries, together vs one at a time, the c
 reader, and the eval command's summary page in headless Chromium."""
 
 import re
-import shutil
-import subprocess
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from chromium import dump_dom, html_tag
 
 import dictlearn as dl
 from dictlearn_gemma import corpus as C
@@ -190,13 +189,6 @@ def test_corpus_folder_file_and_strings(tmp_path):
   assert docs and all(isinstance(t, str) for t in docs)
 
 
-def _chromium():
-  for name in ("chromium", "chromium-browser", "google-chrome"):
-    if shutil.which(name):
-      return shutil.which(name)
-  pytest.fail("headless Chromium is needed for this test: apt-get install chromium")
-
-
 def test_summary_page_renders_and_names_stay_text(model, tmp_path):
   evil = '<img src=x onerror="document.title=1">"&<script>alert(1)</script>'
   r = evaluate(model, Tok(), _docs(), {evil: _sae(), "tc": _tc()}, tokens=None, seq_len=SEQ,
@@ -208,15 +200,9 @@ def test_summary_page_renders_and_names_stay_text(model, tmp_path):
   assert "<script>alert(1)" not in page and "<img src=x" not in page and "<b>corpus" not in page
   markup = re.sub(r"<script.*?</script>", "", page, flags=re.S)
   assert not re.search(r'(src|href)="https?:', markup)
-  dom = subprocess.run(
-      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-       "--no-first-run", "--disable-background-networking", "--disable-component-update",
-       "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-       "--virtual-time-budget=10000", "--dump-dom", paths[-1].as_uri()],
-      capture_output=True, text=True, timeout=120).stdout
+  dom = dump_dom(paths[-1].as_uri(), tmp_path / "profile")
   assert "main-svg" in dom, "plotly did not draw"
-  html_tag = re.search(r"<html[^>]*>", dom).group(0)
-  assert "data-js-errors" not in html_tag, html_tag
+  assert "data-js-errors" not in html_tag(dom), html_tag(dom)
   assert "<img" not in dom and "&lt;img src=x" in dom
   assert "&lt;b&gt;corpus&lt;/b&gt;" in dom
 

@@ -1,11 +1,10 @@
 """The tour end to end on the real Gemma 3 270M, its report in headless Chromium, its errors."""
 
 import re
-import shutil
-import subprocess
 
 import jax
 import pytest
+from chromium import dump_dom, html_tag
 
 import dictlearn as dl
 from dictlearn_penzai import tour
@@ -32,26 +31,12 @@ def test_tour_report_has_every_section(report):
   assert "<script" in page and not re.search(r'(src|href)="https?:', markup)
 
 
-def _chromium():
-  for name in ("chromium", "chromium-browser", "google-chrome"):
-    if shutil.which(name):
-      return shutil.which(name)
-  pytest.fail("headless Chromium is needed for this test: apt-get install chromium "
-              "(./run.sh test installs it)")
-
-
 def test_report_renders_in_headless_chromium(report, tmp_path):
-  dom = subprocess.run(
-      [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-       "--no-first-run", "--disable-background-networking", "--disable-component-update",
-       "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-       "--virtual-time-budget=10000", "--dump-dom", report.as_uri()],
-      capture_output=True, text=True, timeout=120).stdout
+  dom = dump_dom(report.as_uri(), tmp_path / "profile")
   assert 'id="per-token-loss"' in dom
   assert "main-svg" in dom, "plotly did not draw the loss plot"
   assert dom.count('class="dictlearn-tokens"') >= 1 and "background-color:rgba(220,38,38" in dom
-  html_tag = re.search(r"<html[^>]*>", dom).group(0)
-  assert "data-js-errors" not in html_tag, html_tag  # Set by the report's error hook.
+  assert "data-js-errors" not in html_tag(dom), html_tag(dom)  # Set by the report's error hook.
 
 
 def test_missing_model_file_is_a_short_error(capsys):

@@ -19,6 +19,7 @@ MODULES = [
     "dictlearn.analysis",
     "dictlearn.evals",
     "dictlearn.report",
+    "dictlearn.graph_view",
     "dictlearn.metrics",
     "dictlearn.sparse",
     "dictlearn.sharding",
