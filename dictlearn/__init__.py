@@ -16,10 +16,11 @@ from dictlearn.dictionary import (
     pre_activations,
     random_dictionary,
 )
-from dictlearn import activation_data, analysis, catalog, interventions, metrics, sites
+from dictlearn.crosslayer import CrossLayerTranscoder
+from dictlearn import activation_data, analysis, catalog, crosslayer, interventions, metrics, sites
 from dictlearn.io import load, save
 from dictlearn.sparse import SparseCodes, decode_sparse, encode_decode, encode_sparse
-from dictlearn import sharding
+from dictlearn import graphs, sharding
 
 __version__ = "0.1.0"
 

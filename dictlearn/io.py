@@ -34,9 +34,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dictlearn import sites
+from dictlearn.crosslayer import CrossLayerTranscoder
 from dictlearn.dictionary import DictMeta, Dictionary, JumpReLUSAE, Transcoder
 
 PARAMS_FILE = "params.safetensors"
+CLT_LAYER_FILE = "params_layer_{}.safetensors"  # Cross-layer transcoders: one per layer.
 CONFIG_FILE = "config.json"
 GS1_PARAMS_FILE = "params.npz"
 
@@ -59,20 +61,47 @@ def save(d: Dictionary, folder: str | os.PathLike) -> Path:
 
   Weights keep their dtype (bfloat16 included). Returns the folder path.
   """
-  from safetensors.numpy import save_file
-
   d.validate()
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
+  if isinstance(d, CrossLayerTranscoder):
+    return _save_clt(d, folder)
   tensors = {name: np.asarray(getattr(d, name)) for name in _CORE}
   if d.w_skip is not None:
     tensors[_SKIP] = np.asarray(d.w_skip)
+  _write_safetensors(tensors, folder / PARAMS_FILE)
+  (folder / CONFIG_FILE).write_text(json.dumps(_config_of(d), indent=2) + "\n")
+  return folder
+
+
+def _write_safetensors(tensors: dict, path: Path):
+  from safetensors.numpy import save_file
+
   # Write to a temporary name first so an interrupted save never leaves a truncated file
   # where a good one was.
-  tmp = folder / (PARAMS_FILE + ".tmp")
+  tmp = path.with_name(path.name + ".tmp")
   save_file(tensors, str(tmp))
-  os.replace(tmp, folder / PARAMS_FILE)
-  (folder / CONFIG_FILE).write_text(json.dumps(_config_of(d), indent=2) + "\n")
+  os.replace(tmp, path)
+
+
+def _save_clt(c: CrossLayerTranscoder, folder: Path) -> Path:
+  """One Gemma Scope 2 ``params_layer_{i}.safetensors`` per encoder layer + config.json."""
+  stale = folder / CLT_LAYER_FILE.format(c.n_layers)
+  if stale.exists():  # A longer CLT saved here before would be read back with extra layers.
+    raise DictionaryFileError(f"{folder} already holds {stale.name}: save a CLT with "
+                              f"{c.n_layers} layers to an empty folder")
+  for i in range(c.n_layers):
+    tensors = {name: np.asarray(getattr(c, name)[i]) for name in _CORE
+               if getattr(c, name) is not None}
+    if c.w_skip is not None:
+      tensors[_SKIP] = np.asarray(c.w_skip[i])
+    _write_safetensors(tensors, folder / CLT_LAYER_FILE.format(i))
+  m = c.meta
+  config = {"model_name": m.model_name, "architecture": "jump_relu", "type": "clt",
+            "n_layers": c.n_layers, "width": c.width, "l0": m.l0,
+            "affine_connection": c.w_skip is not None}
+  config.update({k: json.loads(v) for k, v in m.extra})
+  (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
   return folder
 
 
@@ -145,9 +174,12 @@ def load(ref: str | os.PathLike, *, revision: str | None = None,
   tensors claim to be. Then tensors are read one at a time, in chunks of rows.
 
   Args:
-    ref: a local folder holding ``params.safetensors`` (+ ``config.json``) or
-      ``params.npz``; one of those files; or ``owner/repo/<path>`` on the hub, e.g.
-      ``google/gemma-scope-2-1b-pt/resid_post/layer_22_width_65k_l0_medium``.
+    ref: a local folder holding ``params.safetensors`` (+ ``config.json``),
+      ``params.npz``, or a cross-layer transcoder's ``params_layer_{i}.safetensors``
+      files; one of the first two files; or ``owner/repo/<path>`` on the hub, e.g.
+      ``google/gemma-scope-2-1b-pt/resid_post/layer_22_width_65k_l0_medium`` or
+      ``google/gemma-scope-2-270m-pt/clt/<name>``. A CLT takes ``dtype`` and
+      ``check_finite``; it is not sharded or memory-mapped.
     revision: hub revision (branch, tag or commit) to pin.
     cache_dir: huggingface_hub cache folder (its default otherwise).
     dtype: the weights' dtype (e.g. ``jnp.bfloat16``); default keeps the stored dtype.
@@ -178,7 +210,7 @@ def load(ref: str | os.PathLike, *, revision: str | None = None,
     read_stats: a ``ReadStats`` to fill with the bytes read per device.
 
   Returns:
-    A ``JumpReLUSAE`` or ``Transcoder`` whose ``meta`` names its site, layer and source.
+    A ``JumpReLUSAE``, ``Transcoder`` or ``CrossLayerTranscoder`` whose ``meta`` names its site, layer and source.
     Its weights are ``jax.Array`` (committed to ``sharding`` when one is given), or
     ``numpy.memmap`` with ``mmap=True``.
 
@@ -223,6 +255,8 @@ def _looks_like_hub_ref(ref: str) -> bool:
 
 def _load_local(path: Path, opts: _Options) -> Dictionary:
   if path.is_dir():
+    if (path / CLT_LAYER_FILE.format(0)).exists():
+      return _read_clt(path, opts)
     if (path / PARAMS_FILE).exists():
       return _read_gs2(path / PARAMS_FILE, path / CONFIG_FILE, source=str(path), opts=opts)
     if (path / GS1_PARAMS_FILE).exists():
@@ -253,6 +287,93 @@ def _read_gs1(params: Path, *, source: str, opts: _Options) -> Dictionary:
   layout = {k.lower() if k in ("W_enc", "W_dec") else k: v for k, v in layout.items()}
   return _materialize(layout, _gs1_config(source), source=source, where=str(params),
                       opts=opts)
+
+
+_CLT_REQUIRED = ("w_enc", "b_enc", "threshold", "w_dec")
+_CLT_OPTIONAL = ("b_dec", _SKIP)
+
+
+def _read_clt(folder: Path, opts: _Options) -> CrossLayerTranscoder:
+  """A Gemma Scope 2 ``clt/<name>/`` folder: ``params_layer_{i}.safetensors`` for every i.
+
+  Every layer file's header is checked (names, shapes, dtypes, and that the files count
+  the layers w_dec decodes into) before anything is read; the tensors are then read layer
+  by layer into preallocated stacked arrays.
+  """
+  if opts.sharding is not None or opts.mmap:
+    raise ValueError("cross-layer transcoders load onto the default device: drop sharding= "
+                     "and mmap= (they apply to SAEs and per-layer transcoders)")
+  files = []
+  while (folder / CLT_LAYER_FILE.format(len(files))).exists():
+    files.append(folder / CLT_LAYER_FILE.format(len(files)))
+  n = len(files)
+  found = sorted(p.name for p in folder.glob("params_layer_*.safetensors"))
+  if len(found) != n:
+    raise DictionaryFileError(
+        f"{folder}: layer files must be params_layer_0 ... params_layer_{{n-1}} with none "
+        f"missing; found {found}")
+  cfg = {}
+  if (folder / CONFIG_FILE).exists():
+    try:
+      cfg = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+      raise DictionaryFileError(f"{folder / CONFIG_FILE} is not valid JSON: {e}") from e
+  layouts = [_safetensors_layout(p) for p in files]
+  first = layouts[0]
+  for i, (p, layout) in enumerate(zip(files, layouts)):
+    missing = [k for k in _CLT_REQUIRED if k not in layout]
+    extra = sorted(set(layout) - set(_CLT_REQUIRED) - set(_CLT_OPTIONAL))
+    if missing or extra:
+      raise DictionaryFileError(
+          f"{p}: {'lacks ' + ', '.join(missing) if missing else ''}"
+          f"{'; ' if missing and extra else ''}"
+          f"{'has unexpected tensors ' + str(extra) if extra else ''}. A CLT layer file holds "
+          f"{', '.join(_CLT_REQUIRED)} (+ optional {', '.join(_CLT_OPTIONAL)})")
+    if set(layout) != set(first):
+      raise DictionaryFileError(
+          f"{p} holds {sorted(layout)} but {files[0].name} holds {sorted(first)}: every "
+          "layer of a CLT has the same tensors")
+    for name, t in layout.items():
+      if t.shape != first[name].shape:
+        raise DictionaryFileError(
+            f"{p}: {name} has shape {t.shape} but layer 0's is {first[name].shape}")
+  w_dec = first["w_dec"]
+  if len(w_dec.shape) != 3 or w_dec.shape[1] != n:
+    raise DictionaryFileError(
+        f"{files[0]}: w_dec must be (width, n_layers, d_out) with n_layers = the {n} layer "
+        f"files in {folder}, but has shape {w_dec.shape}")
+  for key in ("n_layers", "width"):
+    got = {"n_layers": n, "width": first["w_enc"].shape[-1]}[key]
+    if key in cfg and cfg[key] != got:
+      raise DictionaryFileError(f"{folder}: config.json says {key}={cfg[key]} but the files "
+                                f"give {got}")
+  if "affine_connection" in cfg and bool(cfg["affine_connection"]) != (_SKIP in first):
+    raise DictionaryFileError(
+        f"{folder}: config.json says affine_connection={cfg['affine_connection']} but the "
+        f"layer files {'have' if _SKIP in first else 'lack'} {_SKIP}")
+  arrays = {}
+  for name, t in first.items():
+    dtype = opts.dtype if opts.dtype is not None else np.dtype(
+        jax.dtypes.canonicalize_dtype(t.dtype))
+    out = _empty((n, *t.shape), dtype)
+    for i, (p, layout) in enumerate(zip(files, layouts)):
+      reader = _Reader(p, check_finite=opts.check_finite, where=str(p))
+      try:
+        read = reader.read(name, layout[name], (), out[i])
+      finally:
+        reader.close()
+      if opts.stats is not None:
+        opts.stats._add(None, read, layout[name].nbytes)
+    arrays["w_skip" if name == _SKIP else name] = jax.device_put(out)
+  meta = DictMeta(
+      kind="clt", site="mlp_in", site_out="mlp_out", model_name=cfg.get("model_name"),
+      l0=cfg.get("l0"), source=str(folder),
+      extra=tuple(sorted((k, json.dumps(v)) for k, v in cfg.items()
+                         if k not in _KNOWN_CONFIG | {"n_layers"})))
+  try:
+    return CrossLayerTranscoder(**arrays, meta=meta).validate()
+  except ValueError as e:
+    raise DictionaryFileError(f"{folder}: {e}") from e
 
 
 def _gs1_config(source: str) -> dict:
@@ -808,6 +929,11 @@ def _load_hub(ref: str, *, revision, cache_dir, opts: _Options) -> Dictionary:
     return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
 
   try:
+    if folder.split("/")[0] == "clt":  # Cross-layer transcoders: one file per layer.
+      from huggingface_hub import snapshot_download
+      local = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                allow_patterns=[f"{folder}/*"])
+      return _read_clt(Path(local) / folder, opts)
     try:
       params = fetch(PARAMS_FILE)
     except hf_errors.EntryNotFoundError:

@@ -1,0 +1,216 @@
+"""Attribution graphs and graph-checking interventions on a penzai Gemma 3.
+
+The definitions and the row computations are in ``dictlearn.attribution``; what is
+penzai's lives here: finding the blocks, freezing attention patterns and norm scales with
+penzai layers (``FrozenSoftmax``, ``FrozenRMSStandardize``), and running the blocks on
+named arrays with an MLP callback in place of each MLP.
+
+A frozen layer passes no gradient. With the ``dictlearn_record`` side input (a dict) it
+stores its value there under its key; with ``dictlearn_frozen`` (such a dict) it returns
+the stored value instead of computing one, so a run can replay a clean run's patterns and
+scales exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import model_parts
+
+from dictlearn import attribution
+from dictlearn.graphs import Graph
+from dictlearn_penzai.hookpoint import HookPoint
+from dictlearn_penzai.hooks import remove_hooks
+
+NamedArray = pz.nx.NamedArray
+
+
+def _frozen(self, compute, side_inputs):
+  frozen = side_inputs.get("dictlearn_frozen")
+  if frozen is not None:
+    return frozen[self.key]
+  value = jax.tree_util.tree_map(jax.lax.stop_gradient, compute())
+  record = side_inputs.get("dictlearn_record")
+  if record is not None:
+    record[self.key] = value
+  return value
+
+
+@pz.pytree_dataclass
+class FrozenSoftmax(pz.nn.Layer):
+  """An attention pattern that carries no gradient (and can be recorded or replayed)."""
+
+  softmax: pz.nn.Softmax
+  key: str = dataclasses.field(metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    return _frozen(self, lambda: self.softmax(x), side_inputs)
+
+
+@pz.pytree_dataclass
+class FrozenRMSStandardize(pz.nn.Layer):
+  """``pz.nn.RMSStandardize`` whose scale 1/rms(x) carries no gradient (same rounding)."""
+
+  across: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
+  epsilon: Any
+  key: str = dataclasses.field(metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    flat = x.untag(*self.across)
+    scale = _frozen(self, lambda: pz.nx.nmap(
+        lambda v: jax.lax.rsqrt(jnp.mean(jnp.square(v)) + self.epsilon))(flat), side_inputs)
+    return pz.nx.nmap(lambda v, s: v * s)(flat, scale).tag(*self.across)
+
+
+@pz.pytree_dataclass
+class _Block(pz.Struct):
+  """One transformer block without its HookPoints: the attention residual, the norm
+  before the MLP (its output is mlp_in) and the MLP with its post-norm (output mlp_out)."""
+
+  attention: pz.nn.Layer
+  pre_mlp: pz.nn.Layer
+  mlp: pz.nn.Layer
+
+
+def _split_block(i: int, block) -> _Block:
+  subs = list(block.sublayers)
+  residuals = [s for s in subs if isinstance(s, pz.nn.Residual)]
+  bad = ValueError(f"block {i} is not a Gemma block from dictlearn_penzai.from_gemma_params "
+                   "(residual attention, then a residual MLP with mlp_in/mlp_out HookPoints)")
+  if len(residuals) != 2:
+    raise bad
+  inner = list(residuals[1].delta.sublayers)
+  kinds = [(j, s.kind) for j, s in enumerate(inner) if isinstance(s, HookPoint)]
+  at = dict((k, j) for j, k in kinds)
+  if "mlp_in" not in at or "mlp_out" not in at:
+    raise bad
+  return _Block(attention=residuals[0], pre_mlp=pz.nn.Sequential(inner[:at["mlp_in"]]),
+                mlp=pz.nn.Sequential(inner[at["mlp_in"] + 1:at["mlp_out"]]))
+
+
+def _freeze_layers(tree):
+  def rms(path, layer):
+    across = (layer.across,) if isinstance(layer.across, str) else tuple(layer.across)
+    return FrozenRMSStandardize(across=across, epsilon=layer.epsilon,
+                                key=jax.tree_util.keystr(path))
+  tree = pz.select(tree).at_instances_of(pz.nn.RMSStandardize).apply(rms, with_keypath=True)
+  return pz.select(tree).at_instances_of(pz.nn.Softmax).apply(
+      lambda path, s: FrozenSoftmax(softmax=s, key=jax.tree_util.keystr(path)),
+      with_keypath=True)
+
+
+def _run_blocks(params, x0, mlp, frozen=None, record=None):
+  """``attribution.LinearizableModel.forward`` for the parts built by ``linearizable``."""
+  blocks, final_norm = params
+  n_pos = x0.shape[0]
+  side = dict(token_positions=pz.nx.arange("seq", n_pos), dictlearn_frozen=frozen,
+              dictlearn_record=record)
+  wrap = lambda v: pz.nx.wrap(v).tag("seq", "embedding")
+  plain = lambda v: v.unwrap("seq", "embedding").astype(jnp.float32)
+  x = wrap(x0)
+  for layer, block in enumerate(blocks):
+    x = block.attention(x, **side)
+    h = block.pre_mlp(x, **side)
+    dtype = h.dtype
+    real = lambda v, block=block: plain(block.mlp(wrap(v.astype(dtype)), **side))
+    x = x + wrap(mlp(layer, plain(h), real).astype(x.dtype))
+  return plain(final_norm(x, **side))
+
+
+@dataclasses.dataclass(frozen=True)
+class Linearized:
+  """A penzai Gemma split for attribution: the core's model, the embedding layers and the
+  unembedding."""
+
+  model: attribution.LinearizableModel
+  embed: Any
+
+  def embeddings(self, tokens) -> jax.Array:
+    """(n_pos, d) float32 scaled embeddings of token ids (n_pos,)."""
+    ids = pz.nx.wrap(jnp.asarray(tokens, jnp.int32).reshape(-1)).tag("seq")
+    return self.embed(ids).unwrap("seq", "embedding").astype(jnp.float32)
+
+
+def linearizable(model) -> Linearized:
+  """Splits a model from ``from_gemma_params`` (hooks removed) for ``dictlearn.attribution``."""
+  model = remove_hooks(model)
+  body = list(model.body.sublayers)
+  at = [i for i, s in enumerate(body) if isinstance(s, model_parts.TransformerBlock)]
+  if not at or not isinstance(body[-1], pz.nn.EmbeddingDecode) or at != list(
+      range(at[0], at[-1] + 1)):
+    raise ValueError("attribution needs a Gemma model from dictlearn_penzai.from_gemma_params "
+                     "(embedding, transformer blocks, final norm, tied unembedding)")
+  blocks = tuple(_split_block(i, body[j]) for i, j in enumerate(at))
+  final_norm = pz.nn.Sequential(body[at[-1] + 1:-1])
+  params = pz.freeze_params(_freeze_layers((blocks, final_norm)))
+  table = body[-1].table.embeddings
+  table = table.value if hasattr(table, "value") else table
+  unembedding = table.unwrap("vocabulary", "embedding")
+  embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
+  core = attribution.LinearizableModel(params=params, forward=_run_blocks,
+                                       unembedding=unembedding, n_layers=len(blocks))
+  return Linearized(model=core, embed=embed)
+
+
+def _token_ids(tokens) -> np.ndarray:
+  ids = np.asarray(tokens)
+  if ids.ndim == 2 and ids.shape[0] == 1:
+    ids = ids[0]
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError("tokens must be one prompt's token ids (seq,), BOS first; got shape "
+                     f"{ids.shape} dtype {ids.dtype}")
+  return ids.astype(np.int64)
+
+
+def attribute(model, tokens, transcoders, *, max_n_logits: int = 10,
+              desired_logit_prob: float = 0.95, max_feature_nodes: int | None = None,
+              batch_size: int = 64, mesh=None, axis: str | None = None,
+              progress: bool = True, input_string: str = "",
+              metadata: dict | None = None) -> Graph:
+  """The attribution graph of one prompt through ``transcoders`` (circuit-tracer's
+  definitions; see ``dictlearn.attribution``).
+
+  Args:
+    model: a Gemma 3 from ``from_gemma_params`` / ``load_gemma3`` (hooks are ignored).
+    tokens: the prompt's token ids (seq,), BOS first.
+    transcoders: mapping layer -> ``dictlearn.Transcoder`` (a missing layer is all error),
+      or a ``dictlearn.CrossLayerTranscoder``.
+    max_n_logits, desired_logit_prob: the target logits (top ones until their probability
+      sums to ``desired_logit_prob``, at most ``max_n_logits``).
+    max_feature_nodes: cap on feature nodes, chosen by estimated influence (None: all).
+    batch_size: rows per backward pass; mesh/axis: split each batch over devices.
+
+  Returns:
+    A ``dictlearn.graphs.Graph`` (prune, score, save or export it with dictlearn.graphs).
+  """
+  lin = linearizable(model)
+  ids = _token_ids(tokens)
+  meta = {"model": "gemma3", **(metadata or {})}
+  return attribution.attribute(
+      lin.model, lin.embeddings(ids), ids, transcoders, max_n_logits=max_n_logits,
+      desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes,
+      batch_size=batch_size, mesh=mesh, axis=axis, progress=progress,
+      input_string=input_string, metadata=meta)
+
+
+def intervene(model, transcoders, tokens, edits, *, frozen: bool = True
+              ) -> attribution.Intervention:
+  """Logits and latent pre-activations with latents set: ``{(layer, pos, latent): value}``.
+
+  ``frozen=True`` holds attention patterns, norm scales, errors and every other latent at
+  their clean values (the direct effects the graph's edges predict); ``frozen=False`` lets
+  the edit propagate through the real model. See ``dictlearn.attribution.intervene``.
+  """
+  lin = linearizable(model)
+  ids = _token_ids(tokens)
+  return attribution.intervene(lin.model, lin.embeddings(ids), transcoders, edits,
+                               frozen=frozen)
+
+
+__all__ = ["FrozenRMSStandardize", "FrozenSoftmax", "Linearized", "attribute", "intervene",
+           "linearizable"]

@@ -1,0 +1,576 @@
+"""Attribution graphs: direct effects between transcoder latents in a local replacement model.
+
+The definitions are circuit-tracer 0.5's (and Anthropic's "Circuit Tracing"), so graphs can
+be compared and exchanged. For one prompt, the *local replacement model* is the model with
+
+- attention patterns (after softmax) and every RMSNorm's scale frozen at their clean values;
+- each MLP (``mlp_in -> mlp_out`` of a layer) replaced by its transcoder's output plus an
+  error term (the clean MLP output minus the transcoder's), so its output is the clean one;
+- the gradient crossing an MLP only through the transcoder's affine skip (if any).
+
+Given those, everything between the sources (latent decoder writes, errors, token
+embeddings) and the targets (latent pre-activations, logits) is linear, and the edge
+``adjacency[target, source]`` is the exact direct effect:
+
+- a feature source ``s`` writes ``a_s * w_dec[s]`` at its position into its layer's MLP
+  output (a CLT latent into every later layer's too);
+- an error source writes the error vector of its (layer, position); a token source is the
+  scaled embedding at its position;
+- a feature target is the latent's pre-activation (not scaled by its activation); a logit
+  target is the logit minus the mean logit over the vocabulary (the demeaned unembedding
+  vector read at the final norm's output).
+
+Feature activations and errors at position 0 (BOS) are set to 0: BOS carries no nodes.
+
+The framework supplies a ``LinearizableModel``: a pure function running the blocks from
+the scaled embeddings with attention patterns and norm scales frozen (``stop_gradient``,
+or replayed from a recorded clean run), calling back into this module in place of each
+MLP. Rows of the adjacency are computed in batches as vector-Jacobian products of the
+targets with respect to per-source scalars (one per feature, error and token), so no
+(tokens x d) gradient tensor per row ever leaves the compiled function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dictlearn import crosslayer
+from dictlearn.crosslayer import CrossLayerTranscoder
+from dictlearn.dictionary import JumpReLUSAE, Transcoder, jumprelu, matmul
+from dictlearn.graphs import Graph
+
+Array = jax.Array
+Mlp = Callable[[int, Array, Callable[[Array], Array]], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearizableModel:
+  """What attribution needs from a framework.
+
+  Attributes:
+    params: a pytree (the model's weights), passed to ``forward`` under ``jax.jit``.
+    forward: ``forward(params, x0, mlp, frozen=None, record=None) -> final``: runs every
+      block from ``x0`` (n_pos, d), the scaled token embeddings, and returns the final
+      norm's output (n_pos, d). In place of each MLP (with its pre- and post-norm) it
+      calls ``y = mlp(layer, h, real)`` with ``h`` (n_pos, d) the ``mlp_in`` value and
+      ``real(h)`` the model's own MLP output; ``y`` (n_pos, d) is used as ``mlp_out``.
+      Attention patterns and norm scales carry no gradient. With ``record`` (a dict) it
+      stores them there; with ``frozen`` (such a dict) it uses those values instead of
+      computing them. Must be hashable (a module-level function): it is static under jit.
+    unembedding: (vocab, d): ``logits = final @ unembedding.T``.
+    n_layers: number of blocks.
+  """
+
+  params: Any
+  forward: Callable
+  unembedding: Array
+  n_layers: int
+
+
+# ------------------------------------------------------------------ transcoders
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replacement:
+  """Per-layer transcoders (None: that MLP is all error) or one cross-layer transcoder."""
+
+  layers: tuple  # n_layers entries, Transcoder | None (per-layer)
+  clt: CrossLayerTranscoder | None
+
+  @property
+  def n_layers(self) -> int:
+    return self.clt.n_layers if self.clt is not None else len(self.layers)
+
+  def encoder(self, layer):
+    """(w_enc (d, width), b_enc, threshold) of a layer, or None."""
+    if self.clt is not None:
+      c = self.clt
+      return c.w_enc[layer], c.b_enc[layer], c.threshold[layer]
+    t = self.layers[layer]
+    return None if t is None else (t.w_enc, t.b_enc, t.threshold)
+
+  def skip(self, layer):
+    if self.clt is not None:
+      return None if self.clt.w_skip is None else self.clt.w_skip[layer]
+    t = self.layers[layer]
+    return None if t is None else t.w_skip
+
+  def decoder_row(self, layer, latent, target_layer):
+    """The (d,) vector latent ``latent`` of ``layer`` writes into ``target_layer``."""
+    if self.clt is not None:
+      return self.clt.w_dec[layer, latent, target_layer]
+    return self.layers[layer].w_dec[latent]
+
+  def writes_to(self, layer, target_layer) -> bool:
+    if self.clt is not None:
+      return layer <= target_layer
+    return layer == target_layer and self.layers[layer] is not None
+
+  def reconstruct(self, mlp_in: Array, acts: list) -> Array:
+    """Transcoder outputs (L, n_pos, d) from MLP inputs and (BOS-zeroed) activations."""
+    if self.clt is not None:
+      return crosslayer.decode(self.clt, jnp.stack(acts), mlp_in)
+    outs = []
+    for layer, t in enumerate(self.layers):
+      if t is None:
+        outs.append(jnp.zeros(mlp_in.shape[1:], jnp.float32))
+        continue
+      y = matmul(acts[layer], t.w_dec) + t.b_dec.astype(jnp.float32)
+      if t.w_skip is not None:
+        y = y + matmul(mlp_in[layer], t.w_skip)
+      outs.append(y)
+    return jnp.stack(outs)
+
+
+jax.tree_util.register_dataclass(_Replacement, data_fields=["layers", "clt"], meta_fields=[])
+
+
+def replacement(transcoders, n_layers: int, d_model: int) -> _Replacement:
+  """Checks and normalises ``transcoders``: a CrossLayerTranscoder, or a mapping layer ->
+  Transcoder (a sequence indexed by layer also works; missing layers are all error)."""
+  if isinstance(transcoders, CrossLayerTranscoder):
+    c = transcoders.validate()
+    if c.n_layers != n_layers or c.d_in != d_model or c.d_out != d_model:
+      raise ValueError(
+          f"the cross-layer transcoder has {c.n_layers} layers, d_in {c.d_in}, d_out "
+          f"{c.d_out}; the model has {n_layers} layers of d_model {d_model}")
+    return _Replacement(layers=(), clt=c)
+  if isinstance(transcoders, Mapping):
+    items = dict(transcoders)
+  elif isinstance(transcoders, (list, tuple)):
+    items = {i: t for i, t in enumerate(transcoders) if t is not None}
+  else:
+    raise TypeError("transcoders must be a CrossLayerTranscoder or a mapping layer -> "
+                    f"Transcoder, not {type(transcoders).__name__}")
+  if not items:
+    raise ValueError("no transcoders given: attribution needs at least one layer's")
+  layers = [None] * n_layers
+  for layer, t in items.items():
+    if not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layers:
+      raise ValueError(f"transcoder key {layer!r} is not a layer index in [0, {n_layers})")
+    if isinstance(t, JumpReLUSAE) or not isinstance(t, Transcoder):
+      raise TypeError(f"layer {layer}: attribution needs transcoders (mlp_in -> mlp_out), "
+                      f"not {type(t).__name__}")
+    t.validate()
+    if t.d_in != d_model or t.d_out != d_model:
+      raise ValueError(f"layer {layer}: the transcoder maps {t.d_in} -> {t.d_out} but the "
+                       f"model's MLP maps {d_model} -> {d_model}")
+    if t.meta.layer is not None and t.meta.layer != layer:
+      raise ValueError(f"the transcoder given for layer {layer} was made for layer "
+                       f"{t.meta.layer} (its metadata); key it by its own layer")
+    layers[int(layer)] = t
+  return _Replacement(layers=tuple(layers), clt=None)
+
+
+# ------------------------------------------------------------------ the clean run
+
+
+@functools.partial(jax.jit, static_argnames=("forward",))
+def _clean(params, x0, *, forward):
+  ins, outs = [], []
+
+  def mlp(layer, h, real):
+    y = real(h)
+    ins.append(h)
+    outs.append(y)
+    return y
+
+  final = forward(params, x0, mlp)
+  return jnp.stack(ins), jnp.stack(outs), final
+
+
+@dataclasses.dataclass(frozen=True)
+class Clean:
+  """One prompt's clean run: mlp_in, mlp_out (L, n_pos, d), final norm output (n_pos, d)."""
+
+  mlp_in: Array
+  mlp_out: Array
+  final: Array
+
+
+jax.tree_util.register_dataclass(Clean, data_fields=["mlp_in", "mlp_out", "final"],
+                                 meta_fields=[])
+
+
+def clean_run(model: LinearizableModel, x0: Array) -> Clean:
+  return Clean(*_clean(model.params, x0, forward=model.forward))
+
+
+def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
+  """(pre-activations, activations) per layer, (n_pos, width) or None; BOS set to 0."""
+  pres, acts = [], []
+  for layer in range(rep.n_layers):
+    enc = rep.encoder(layer)
+    if enc is None:
+      pres.append(None)
+      acts.append(None)
+      continue
+    w_enc, b_enc, threshold = enc
+    pre = matmul(mlp_in[layer], w_enc) + b_enc.astype(jnp.float32)
+    pres.append(pre)
+    acts.append(jumprelu(pre, threshold).at[0].set(0.0))
+  return pres, acts
+
+
+# ------------------------------------------------------------------ the linear model
+
+
+@functools.partial(jax.jit, static_argnames=("forward", "n_active", "n_targets"))
+def _rows(params, consts, target_ids, *, forward, n_active, n_targets):
+  """Adjacency rows (B, n_active + L * n_pos + n_pos) of the targets ``target_ids`` (B,):
+  target i < n_active is feature i's pre-activation, n_active + j is logit j."""
+  x0, mlp_out = consts["x0"], consts["mlp_out"]
+  n_layers, n_pos = mlp_out.shape[0], mlp_out.shape[1]
+
+  def targets(c, e, t):
+    out = []
+
+    def mlp(layer, h, real):
+      enc = consts["enc"][layer]
+      out.append(jnp.sum(h[enc["pos"]] * enc["vec"], -1) + enc["bias"])
+      y = mlp_out[layer]
+      w_skip = consts["skip"][layer]
+      if w_skip is not None:  # The only path by which a gradient crosses the MLP.
+        lin = matmul(h, w_skip)
+        y = jax.lax.stop_gradient(y - lin) + lin
+      dec = consts["dec"][layer]
+      y = y.at[dec["pos"]].add(c[dec["src"]][:, None] * dec["vec"])
+      return y + e[layer][:, None] * consts["err"][layer]
+
+    final = forward(params, x0 * (1.0 + t)[:, None], mlp)
+    out.append(matmul(final[-1], consts["logit_vecs"].T))
+    return jnp.concatenate(out)
+
+  zeros = (jnp.zeros((n_active,)), jnp.zeros((n_layers, n_pos)), jnp.zeros((n_pos,)))
+  _, vjp = jax.vjp(targets, *zeros)
+  gc, ge, gt = jax.vmap(vjp)(jax.nn.one_hot(target_ids, n_targets, dtype=jnp.float32))
+  return jnp.concatenate([gc, ge.reshape(len(target_ids), -1), gt], axis=1)
+
+
+def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs) -> dict:
+  """Per-layer index and vector arrays the linear model reads (all static shapes)."""
+  layer_of, pos_of, lat_of, val_of = feats
+  n_layers = rep.n_layers
+  enc, dec, skip = [], [], []
+  for layer in range(n_layers):
+    sel = np.flatnonzero(layer_of == layer)
+    e = rep.encoder(layer)
+    if e is None or not len(sel):
+      d = x0.shape[-1]
+      enc.append(dict(pos=jnp.zeros((0,), jnp.int32), vec=jnp.zeros((0, d)), bias=jnp.zeros((0,))))
+    else:
+      w_enc, b_enc, _ = e
+      lat = jnp.asarray(lat_of[sel])
+      enc.append(dict(pos=jnp.asarray(pos_of[sel], jnp.int32),
+                      vec=jnp.asarray(w_enc, jnp.float32)[:, lat].T,
+                      bias=jnp.asarray(b_enc, jnp.float32)[lat]))
+    src = np.flatnonzero([rep.writes_to(int(s), layer) for s in layer_of]) if len(
+        layer_of) else np.zeros((0,), np.int64)
+    if len(src):
+      vec = _decoder_rows(rep, layer_of[src], lat_of[src], layer) * jnp.asarray(val_of[src])[:, None]
+    else:
+      vec = jnp.zeros((0, x0.shape[-1]))
+    dec.append(dict(pos=jnp.asarray(pos_of[src], jnp.int32), src=jnp.asarray(src, jnp.int32),
+                    vec=vec))
+    w_skip = rep.skip(layer)
+    skip.append(None if w_skip is None else jnp.asarray(w_skip, jnp.float32))
+  err = clean.mlp_out - rep.reconstruct(clean.mlp_in, acts)
+  err = err.at[:, 0].set(0.0)  # BOS carries no error node.
+  return dict(x0=x0, mlp_out=clean.mlp_out, err=err, enc=enc, dec=dec, skip=skip,
+              logit_vecs=logit_vecs)
+
+
+def _decoder_rows(rep: _Replacement, layers, latents, target_layer) -> Array:
+  """(n, d) float32 decoder vectors of the given latents into ``target_layer``."""
+  if rep.clt is not None:
+    return jnp.asarray(rep.clt.w_dec, jnp.float32)[jnp.asarray(layers), jnp.asarray(latents),
+                                                    target_layer]
+  return jnp.asarray(rep.layers[target_layer].w_dec, jnp.float32)[jnp.asarray(latents)]
+
+
+# ------------------------------------------------------------------ graphs
+
+
+def salient_logits(logits: Array, unembedding: Array, *, max_n_logits: int,
+                   desired_logit_prob: float):
+  """(token ids, probabilities, demeaned unembedding vectors (n, d)) of the target logits:
+  the most probable next tokens until their cumulative probability reaches
+  ``desired_logit_prob`` (that one included), at most ``max_n_logits``."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
+  order = np.argsort(-probs, kind="stable")[:max_n_logits]
+  top = probs[order]
+  cutoff = int(np.searchsorted(np.cumsum(top), desired_logit_prob)) + 1
+  order, top = order[:cutoff], top[:cutoff]
+  u = jnp.asarray(unembedding, jnp.float32)
+  vecs = u[jnp.asarray(order)] - u.mean(axis=0)
+  return order.astype(np.int64), top.astype(np.float32), vecs
+
+
+def _active(acts) -> tuple[np.ndarray, ...]:
+  """(layer, position, latent, value) of every nonzero activation, sorted in that order."""
+  parts = []
+  for layer, a in enumerate(acts):
+    if a is None:
+      continue
+    a = np.asarray(a)
+    pos, lat = np.nonzero(a)
+    parts.append((np.full(len(pos), layer), pos, lat, a[pos, lat]))
+  if not parts:
+    z = np.zeros((0,), np.int64)
+    return z, z, z, np.zeros((0,), np.float32)
+  return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _partial_influence(rows: np.ndarray, row_nodes: np.ndarray, logit_probs: np.ndarray,
+                       n_nodes: int, max_iter: int = 128) -> np.ndarray:
+  """Influence on the logits of every node (n_nodes,) through the rows computed so far.
+
+  rows (r, n_sources) with n_sources + n_logits = n_nodes; row_nodes (r,) the node each row
+  is the target of. Influence = w (B + B^2 + ...), B the |rows| normalised to sum 1.
+  """
+  a = np.abs(rows)
+  a = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-10)
+  prod = np.zeros(n_nodes, np.float64)
+  prod[n_nodes - len(logit_probs):] = logit_probs
+  influence = np.zeros(a.shape[1], np.float64)
+  for _ in range(max_iter):
+    prod_rows = prod[row_nodes]
+    nxt = prod_rows @ a
+    if not nxt.any():
+      break
+    influence += nxt
+    prod = np.zeros(n_nodes, np.float64)
+    prod[:a.shape[1]] = nxt
+  return influence
+
+
+def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
+              max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+              max_feature_nodes: int | None = None, batch_size: int = 64,
+              update_interval: int = 4, mesh=None, axis: str | None = None,
+              progress: bool = True, metadata: dict | None = None,
+              input_string: str = "") -> Graph:
+  """The attribution graph of one prompt (see the module docstring for its definitions).
+
+  Args:
+    model: the framework's ``LinearizableModel``.
+    x0: (n_pos, d) the scaled token embeddings of the prompt (BOS first).
+    tokens: (n_pos,) the prompt's token ids.
+    transcoders: a ``CrossLayerTranscoder``, or a mapping layer -> ``Transcoder``
+      (affine or not; a layer without one is all error).
+    max_n_logits, desired_logit_prob: which logits are targets (``salient_logits``).
+    max_feature_nodes: at most this many feature nodes; their rows are computed in order
+      of estimated influence on the logits (re-estimated every ``update_interval``
+      batches). None: every active feature.
+    batch_size: rows per compiled backward pass.
+    mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``): each batch of rows is
+      split over ``mesh[axis]`` (default: its first axis); weights are replicated.
+    progress: a tqdm bar over the rows.
+
+  Returns:
+    A ``dictlearn.graphs.Graph``.
+  """
+  tokens = np.asarray(tokens, np.int64).reshape(-1)
+  x0 = jnp.asarray(x0, jnp.float32)
+  n_pos, d = x0.shape
+  if tokens.shape[0] != n_pos:
+    raise ValueError(f"tokens has {tokens.shape[0]} positions but x0 has {n_pos}")
+  rep = replacement(transcoders, model.n_layers, d)
+  clean = clean_run(model, x0)
+  _, acts = activations(rep, clean.mlp_in)
+  feats = _active(acts)
+  n_active = len(feats[0])
+  logit_ids, logit_p, logit_vecs = salient_logits(
+      matmul(clean.final[-1], jnp.asarray(model.unembedding).T), model.unembedding, max_n_logits=max_n_logits,
+      desired_logit_prob=desired_logit_prob)
+  n_logits = len(logit_ids)
+  consts = _constants(rep, x0, clean, acts, feats, logit_vecs)
+  n_sources = n_active + model.n_layers * n_pos + n_pos
+  n_nodes = n_sources + n_logits
+
+  params = model.params
+  n_dev = 1
+  placed = None
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from dictlearn.sharding import auto_axes
+    mesh = auto_axes(mesh)
+    axis = axis or mesh.axis_names[0]
+    n_dev = mesh.shape[axis]
+    rep_s = NamedSharding(mesh, P())
+    params, consts = jax.device_put((params, consts), rep_s)
+    placed = NamedSharding(mesh, P(axis))
+  batch = max(n_dev, -(-batch_size // n_dev) * n_dev)
+
+  def compute(target_ids: np.ndarray) -> np.ndarray:
+    out = []
+    for i in range(0, len(target_ids), batch):
+      ids = target_ids[i:i + batch]
+      padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
+      ids_dev = jax.device_put(padded, placed) if placed is not None else padded
+      rows = _rows(params, consts, ids_dev, forward=model.forward, n_active=n_active,
+                   n_targets=n_active + n_logits)
+      out.append(np.asarray(rows)[:len(ids)])
+      bar.update(len(ids))
+    return np.concatenate(out) if out else np.zeros((0, n_sources), np.float32)
+
+  n_select = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+  from tqdm.auto import tqdm
+  bar = tqdm(total=n_logits + n_select, desc="attribution rows", disable=not progress,
+             unit="row")
+  try:
+    logit_rows = compute(n_active + np.arange(n_logits))
+    row_blocks, row_nodes = [logit_rows], [n_sources + np.arange(n_logits)]
+    visited = np.zeros(n_active, bool)
+    while visited.sum() < n_select:
+      left = n_select - int(visited.sum())
+      if n_select == n_active:
+        pending = np.flatnonzero(~visited)
+      else:
+        influence = _partial_influence(np.concatenate(row_blocks), np.concatenate(row_nodes),
+                                       logit_p, n_nodes)[:n_active]
+        rank = np.argsort(-influence, kind="stable")
+        pending = rank[~visited[rank]][:min(update_interval * batch, left)]
+      row_blocks.append(compute(pending))
+      row_nodes.append(pending)
+      visited[pending] = True
+  finally:
+    bar.close()
+
+  selected = np.flatnonzero(visited)
+  rows = np.concatenate(row_blocks[1:]) if len(row_blocks) > 1 else np.zeros((0, n_sources))
+  order = np.argsort(np.concatenate(row_nodes[1:]) if len(row_nodes) > 1 else [], kind="stable")
+  feature_rows = rows[order]  # Rows in the order of `selected`.
+  cols = np.concatenate([selected, np.arange(n_active, n_sources)])
+  n_sel = len(selected)
+  size = n_sel + (n_sources - n_active) + n_logits
+  adjacency = np.zeros((size, size), np.float32)
+  adjacency[:n_sel, :len(cols)] = feature_rows[:, cols]
+  adjacency[size - n_logits:, :len(cols)] = logit_rows[:, cols]
+  features = np.stack([feats[0], feats[1], feats[2]], axis=1).astype(np.int64)
+  return Graph(
+      input_tokens=tokens, active_features=features,
+      activation_values=np.asarray(feats[3], np.float32), selected_features=selected,
+      logit_tokens=logit_ids, logit_probabilities=logit_p, adjacency=adjacency,
+      n_layers=model.n_layers, input_string=input_string, metadata=dict(metadata or {}))
+
+
+# ------------------------------------------------------------------ interventions
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervention:
+  """What ``intervene`` returns.
+
+  Attributes:
+    logits: (n_pos, vocab) after the edit.
+    pre_activations: per layer, (n_pos, width) of every latent (None where a layer has no
+      transcoder), after the edit.
+    clean_logits, clean_pre_activations: the same without it.
+  """
+
+  logits: np.ndarray
+  pre_activations: list
+  clean_logits: np.ndarray
+  clean_pre_activations: list
+
+
+@functools.partial(jax.jit, static_argnames=("forward", "frozen_mode"))
+def _edited(params, x0, consts, edits, *, forward, frozen_mode):
+  """Logits and pre-activations with the latents ``edits["layer", "pos", "latent"]`` (E,)
+  set to ``edits["value"]``; see ``intervene``."""
+  rep, clean = consts["rep"], consts["clean"]
+  e_layer, e_pos, e_lat = edits["layer"], edits["pos"], edits["latent"]
+  # The activation each edit replaces: clean (frozen), or live, filled in at its layer.
+  replaced = edits["clean_value"]
+  pres = []
+
+  def mlp(layer, h, real):
+    nonlocal replaced
+    enc = rep.encoder(layer)
+    pre = None
+    if enc is not None:
+      pre = matmul(h, enc[0]) + enc[1].astype(jnp.float32)
+      if not frozen_mode:
+        live = jumprelu(pre, enc[2])[e_pos, jnp.minimum(e_lat, pre.shape[-1] - 1)]
+        replaced = jnp.where(e_layer == layer, live, replaced)
+    pres.append(pre)
+    if frozen_mode:
+      y = clean.mlp_out[layer]
+      w_skip = rep.skip(layer)
+      if w_skip is not None:  # The skip is the replacement model's live linear path.
+        y = y + matmul(h, w_skip) - matmul(clean.mlp_in[layer], w_skip)
+    else:
+      y = real(h)
+    # What each edited latent writes here: (value - replaced) x its decoder row.
+    if rep.clt is not None:
+      rows = rep.clt.w_dec[e_layer, e_lat, layer].astype(jnp.float32)
+      writes = e_layer <= layer
+    elif rep.layers[layer] is not None:
+      w_dec = rep.layers[layer].w_dec
+      rows = w_dec[jnp.minimum(e_lat, w_dec.shape[0] - 1)].astype(jnp.float32)
+      writes = e_layer == layer
+    else:
+      return y
+    delta = jnp.where(writes, edits["value"] - replaced, 0.0)[:, None] * rows
+    return y.at[e_pos].add(delta)
+
+  final = forward(params, x0, mlp, frozen=consts.get("frozen") if frozen_mode else None)
+  return matmul(final, consts["unembedding"].T), pres
+
+
+@functools.partial(jax.jit, static_argnames=("forward",))
+def _record(params, x0, *, forward):
+  record = {}
+  forward(params, x0, lambda layer, h, real: real(h), record=record)
+  return record
+
+
+def intervene(model: LinearizableModel, x0: Array, transcoders,
+              edits: Mapping[tuple[int, int, int], float], *, frozen: bool = True
+              ) -> Intervention:
+  """Runs the prompt with latents set to given values: ``{(layer, position, latent): value}``.
+
+  ``frozen=True``: the local replacement model of the clean run. Attention patterns, norm
+  scales, errors and every other latent's contribution stay at their clean values, and the
+  edit reaches later layers only through the residual stream, attention's value path and
+  the transcoders' skips: the change in each pre-activation (and demeaned logit) is what
+  the graph's edges predict (edge weight x change in the source's activation).
+  ``frozen=False``: the edit propagates through the real model (real MLPs, attention and
+  norms recomputed), keeping each edited MLP's reconstruction error.
+  """
+  x0 = jnp.asarray(x0, jnp.float32)
+  n_pos, d = x0.shape
+  rep = replacement(transcoders, model.n_layers, d)
+  clean = clean_run(model, x0)
+  pres, acts = activations(rep, clean.mlp_in)
+  keys = []
+  for key in edits:
+    layer, pos, lat = (int(v) for v in key)
+    if not 0 <= layer < rep.n_layers or rep.encoder(layer) is None:
+      raise ValueError(f"edit {key}: layer {layer} has no transcoder")
+    width = rep.encoder(layer)[0].shape[-1]
+    if not 0 <= pos < n_pos or not 0 <= lat < width:
+      raise ValueError(f"edit {key}: position must be in [0, {n_pos}) and latent in "
+                       f"[0, {width})")
+    keys.append((layer, pos, lat))
+  cols = np.asarray(keys, np.int32).reshape(-1, 3)
+  arrays = dict(layer=cols[:, 0], pos=cols[:, 1], latent=cols[:, 2],
+                value=np.asarray([float(edits[k]) for k in edits], np.float32),
+                clean_value=np.asarray([acts[l][p, k] for l, p, k in keys], np.float32))
+  consts = dict(rep=rep, clean=clean, unembedding=jnp.asarray(model.unembedding))
+  if frozen:
+    consts["frozen"] = _record(model.params, x0, forward=model.forward)
+  logits, new_pres = _edited(model.params, x0, consts, arrays, forward=model.forward,
+                             frozen_mode=frozen)
+  as_np = lambda ps: [None if p is None else np.asarray(p) for p in ps]
+  clean_logits = matmul(clean.final, jnp.asarray(model.unembedding).T)
+  return Intervention(logits=np.asarray(logits), pre_activations=as_np(new_pres),
+                      clean_logits=np.asarray(clean_logits), clean_pre_activations=as_np(pres))
