@@ -18,6 +18,7 @@ MODULES = [
     "dictlearn.interventions",
     "dictlearn.analysis",
     "dictlearn.evals",
+    "dictlearn.graphs",
     "dictlearn.report",
     "dictlearn.graph_view",
     "dictlearn.metrics",
