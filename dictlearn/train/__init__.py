@@ -8,7 +8,8 @@ Modules: ``config`` (``TrainConfig``: settings, derived defaults, validation), `
 (scales, biases and thresholds from the data; the initial state), ``step`` (the optimiser
 and the jitted step), ``history`` (logged rows, the result's metadata), ``ste``
 (pseudo-derivatives), ``objective`` (loss, init, folding the normalisation), ``optim``
-(Adam, schedules, unit-norm decoder), ``checkpoint`` (Gemma Scope 2 folder + exact train
+(Adam, schedules, unit-norm decoder), ``resample`` (restarting rarely firing
+latents), ``checkpoint`` (Gemma Scope 2 folder + exact train
 state), ``loop`` (``fit``).
 """
 

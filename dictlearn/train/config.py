@@ -13,6 +13,7 @@ so forgetting the mark costs a compilation, never a wrong executable.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -86,6 +87,17 @@ class TrainConfig:
     log_every: history granularity in steps (each entry averages its window). None:
       steps / 50, between 1 and 100.
     dead_window_tokens: a latent silent for this many tokens counts as dead.
+    resample_every: steps between resamplings of rarely firing latents (0: never). At each,
+      every latent that fired on fewer than ``resample_below`` times the mean firing rate
+      (``target_l0 / width``, or the observed L0 / width without a target) of the rows
+      since the last one is restarted on the direction of a badly reconstructed row of the
+      current batch (see :mod:`dictlearn.train.resample`). None: ``steps / 20``, but at
+      least the steps in which a latent at the mean rate fires ``10 / resample_below``
+      times (so "rare" is measured, not noise).
+    resample_until: no resampling after this step. None: half the run (the second half
+      lets the restarted latents settle).
+    resample_below: the firing rate, relative to the mean, under which a latent is
+      resampled.
     normalize: scale inputs and targets to E||x||^2 = d (folded back into the result).
     b_dec_init: "median" (geometric median), "mean" or "zeros".
     skip_init: affine transcoders: the skip starts at "zeros" or "lstsq" (least squares).
@@ -123,6 +135,9 @@ class TrainConfig:
   adam_b2: float = 0.999
   log_every: int | None = None
   dead_window_tokens: int = 10_000_000
+  resample_every: int | None = None
+  resample_until: int | None = None
+  resample_below: float = 0.1
   normalize: bool = _init_only(True)
   b_dec_init: str = _init_only("median")
   skip_init: str = _init_only("zeros")
@@ -190,6 +205,12 @@ class TrainConfig:
       raise ValueError(f"dec_init must be 'data' or 'random', not {self.dec_init!r}")
     if self.threshold_init is not None and not self.threshold_init > 0:
       raise ValueError(f"threshold_init must be positive, not {self.threshold_init}")
+    if self.resample_every is not None and (int(self.resample_every) != self.resample_every
+                                            or self.resample_every < 0):
+      raise ValueError(f"resample_every must be a non-negative integer (0: off), not "
+                       f"{self.resample_every!r}")
+    if not 0 <= self.resample_below < 1:
+      raise ValueError(f"resample_below must lie in [0, 1), not {self.resample_below}")
     if self.init_firing_rate is not None and not 0 < self.init_firing_rate < 1:
       raise ValueError(f"init_firing_rate must lie in (0, 1), not {self.init_firing_rate}")
 
@@ -205,6 +226,13 @@ class TrainConfig:
     rate = self.init_firing_rate
     if rate is None:
       rate = min(0.5, 10.0 * target / width) if target is not None else 0.05
+    every = self.resample_every
+    if every is None:
+      # The mean firing rate: the target's, or (no target) the start's.
+      mean_rate = target / width if target is not None else rate
+      fires_per_step = mean_rate * int(self.batch_size)
+      below = max(float(self.resample_below), 1e-3)
+      every = max(steps // 20, math.ceil(10.0 / below / max(fires_per_step, 1e-12)))
     return dataclasses.replace(
         self, width=width, steps=steps, batch_size=int(self.batch_size), learning_rate=lr,
         seed=int(self.seed), target_l0=target, d_in=d_in, d_out=d_out,
@@ -222,7 +250,9 @@ class TrainConfig:
         grad_clip=None if self.grad_clip is None else float(self.grad_clip),
         adam_b1=float(self.adam_b1), adam_b2=float(self.adam_b2),
         log_every=int(self.log_every or max(1, min(100, steps // 50))),
-        dead_window_tokens=int(self.dead_window_tokens), normalize=bool(self.normalize),
+        dead_window_tokens=int(self.dead_window_tokens), resample_every=int(every),
+        resample_until=int(pick(self.resample_until, steps // 2)),
+        resample_below=float(self.resample_below), normalize=bool(self.normalize),
         skip_hold_steps=int(pick(self.skip_hold_steps, steps // 2)),
         init_samples=int(self.init_samples), shuffle_buffer=int(self.shuffle_buffer),
         compute_dtype=jnp.dtype(self.compute_dtype).name)

@@ -179,7 +179,8 @@ def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig,
 
 
 def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> dict:
-  """The train state ``{"params", "opt", "step", "since_fired", "acc"}`` at step 0.
+  """The train state ``{"params", "opt", "step", "since_fired", "fired_rows", "acc"}`` at
+  step 0 (``fired_rows``: rows each latent fired on since the last resampling).
 
   ``init`` None gives placeholder biases and thresholds (for shapes: a resume template,
   a benchmark).
@@ -201,5 +202,6 @@ def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> di
       "opt": opt.init(params),
       "step": jnp.zeros((), jnp.int32),
       "since_fired": jnp.zeros((cfg.width,), jnp.int32),
+      "fired_rows": jnp.zeros((cfg.width,), jnp.int32),
       "acc": {k: jnp.zeros((), jnp.float32) for k in (*METRICS, "n")},
   }

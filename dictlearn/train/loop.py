@@ -32,8 +32,14 @@ The recipe (details in :mod:`.objective`, :mod:`.optim`, :mod:`.ste`):
   the sparse part, the skip learns what is left: the genuinely linear part.
 * Matryoshka: nested prefix widths, reconstruction losses summed over the prefixes.
 * Dead latents: a latent is dead once it has not fired in ``dead_window_tokens`` tokens.
+* Resampling (:mod:`.resample`): every ``resample_every`` steps of the first half of the
+  run, latents firing at under a tenth of the mean rate restart on the residual direction
+  of a badly reconstructed row; without it latents that duplicate others fall silent and
+  stay so, and a third of a known dictionary's directions is never found
+  (benchmarks/RESULTS.md).
 
-State is a plain dict pytree ``{"params", "opt", "step", "since_fired", "acc"}``; data order
+State is a plain dict pytree ``{"params", "opt", "step", "since_fired", "fired_rows",
+"acc"}``; data order
 is a pure function of (seed, step) (random-access data) or a replayable stream, so a run
 resumed from a checkpoint matches an uninterrupted one.
 """
@@ -52,6 +58,7 @@ from dictlearn.sharding import auto_axes
 from dictlearn.train import checkpoint as ckpt
 from dictlearn.train import history as hist
 from dictlearn.train import objective
+from dictlearn.train import resample as rs
 from dictlearn.train.config import TrainConfig, check_resume
 from dictlearn.train.init import estimate_init, initial_state
 from dictlearn.train.step import compiled_step, make_optimizer, shardings
@@ -135,6 +142,7 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
   state_sh, batch_sh = shardings(state, mesh, data_axis, width_axis)
   state = jax.device_put(state, batch_sh if state_sh is None else state_sh)
   step_fn = compiled_step(cfg, mesh, data_axis, width_axis)
+  resample_fn = None
 
   def finish():
     d = objective.to_dictionary(state["params"], s_in=scales[0], s_out=scales[1],
@@ -165,7 +173,7 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
     d, _ = finish()
     ckpt.save_checkpoint(
         checkpoint_dir, done, dictionary=d, state=state, keep=keep_checkpoints,
-        info={"format": "dictlearn.train_state", "version": 2, "config": cfg.to_json(),
+        info={"format": "dictlearn.train_state", "version": 3, "config": cfg.to_json(),
               "scales": list(scales), "history": history})
     return done
 
@@ -182,6 +190,12 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
       y = x if y is None else jax.device_put(y, batch_sh)
       state = step_fn(state, x, y, scales_dev)
       done = t + 1
+      if rs.due(cfg, done):
+        if resample_fn is None:
+          resample_fn = rs.compiled_resample(cfg, mesh, data_axis, width_axis)
+        key = jax.device_put(rs.key_at(cfg, done),
+                             batch_sh if mesh is None else NamedSharding(mesh, P()))
+        state = resample_fn(state, x, y, scales_dev, key)
       if done % cfg.log_every == 0 or done == cfg.steps:
         row = hist.log_row(state, done, cfg, opt)
         if not np.isfinite(row["loss"]):

@@ -101,7 +101,7 @@ def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
 
   Returns (loss, aux) with aux: ``sse`` (mean over rows of ||y - y_hat||^2, full width),
   ``var`` (sum over rows of ||y - mean(y)||^2, for FVU), ``l0`` (mean active latents),
-  ``fired`` (width,) bool: which latents fired on any row of the batch.
+  ``fired`` (width,) int32: on how many rows of the batch each latent fired.
   """
   pre = matmul(x, params["w_enc"], compute_dtype) + params["b_enc"]
   theta = jnp.broadcast_to(jnp.exp(params["log_threshold"]), pre.shape)
@@ -129,7 +129,7 @@ def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
       "sse": sse,
       "var": jnp.sum(jnp.square(y - jnp.mean(y, axis=0))),
       "l0": jnp.mean(jnp.sum(f != 0, axis=-1).astype(jnp.float32)),
-      "fired": jnp.any(f != 0, axis=0),
+      "fired": jnp.sum(f != 0, axis=0, dtype=jnp.int32),
       "penalty": penalty,
   }
   return recon + penalty, aux

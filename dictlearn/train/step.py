@@ -78,7 +78,7 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
     params = jax.tree_util.tree_map(jnp.add, params, updates)
     params["w_dec"] = objective.unit_rows(params["w_dec"])
 
-    since = jnp.where(aux["fired"], 0,
+    since = jnp.where(aux["fired"] > 0, 0,
                       jnp.minimum(state["since_fired"] + cfg.batch_size, cfg.dead_window_tokens))
     metrics = {
         "loss": loss,
@@ -91,8 +91,10 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
     # A history entry averages the steps of its window; a window starts every log_every.
     fresh = state["step"] % cfg.log_every == 0
     acc = {k: jnp.where(fresh, metrics[k], state["acc"][k] + metrics[k]) for k in metrics}
+    # Saturates (after the last resampling nothing resets it) instead of overflowing.
+    fired_rows = jnp.minimum(state["fired_rows"], 1 << 30) + aux["fired"]
     return {"params": params, "opt": opt_state, "step": state["step"] + 1,
-            "since_fired": since, "acc": acc}
+            "since_fired": since, "fired_rows": fired_rows, "acc": acc}
 
   return step
 
@@ -128,7 +130,7 @@ def shardings(state, mesh, data_axis: str = "data", width_axis: str | None = Non
     raise ValueError(f"the mesh has axes {mesh.axis_names}; no width axis {width_axis!r}")
   w = width_axis
   specs = {"w_enc": P(None, w), "b_enc": P(w), "log_threshold": P(w), "w_dec": P(w, None),
-           "b_dec": P(), "w_skip": P(), "since_fired": P(w)}
+           "b_dec": P(), "w_skip": P(), "since_fired": P(w), "fired_rows": P(w)}
 
   def pick(path, leaf):
     # Adam's moments mirror the params tree, so the last dict key names the parameter.
