@@ -336,7 +336,7 @@ def _partial_influence(rows: np.ndarray, row_nodes: np.ndarray, logit_probs: np.
   is the target of. Influence = w (B + B^2 + ...), B the |rows| normalised to sum 1.
   """
   a = np.abs(rows)
-  a = a / np.maximum(a.sum(axis=1, keepdims=True), 1e-10)
+  a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-10)
   prod = np.zeros(n_nodes, np.float64)
   prod[n_nodes - len(logit_probs):] = logit_probs
   influence = np.zeros(a.shape[1], np.float64)
@@ -409,51 +409,57 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     placed = NamedSharding(mesh, P(axis))
   batch = max(n_dev, -(-batch_size // n_dev) * n_dev)
 
-  def compute(target_ids: np.ndarray) -> np.ndarray:
-    out = []
+  def compute(target_ids: np.ndarray, out: np.ndarray):
+    """Writes the rows of ``target_ids`` into ``out`` (len(target_ids), n_sources)."""
     for i in range(0, len(target_ids), batch):
       ids = target_ids[i:i + batch]
       padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
       ids_dev = jax.device_put(padded, placed) if placed is not None else padded
       rows = _rows(params, consts, ids_dev, forward=model.forward, n_active=n_active,
                    n_targets=n_active + n_logits)
-      out.append(np.asarray(rows)[:len(ids)])
+      out[i:i + len(ids)] = np.asarray(rows)[:len(ids)]
       bar.update(len(ids))
-    return np.concatenate(out) if out else np.zeros((0, n_sources), np.float32)
 
-  n_select = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
+  capped = max_feature_nodes is not None and max_feature_nodes < n_active
+  n_select = min(max_feature_nodes, n_active) if capped else n_active
   from tqdm.auto import tqdm
   bar = tqdm(total=n_logits + n_select, desc="attribution rows", disable=not progress,
              unit="row")
   try:
-    logit_rows = compute(n_active + np.arange(n_logits))
-    row_blocks, row_nodes = [logit_rows], [n_sources + np.arange(n_logits)]
-    visited = np.zeros(n_active, bool)
-    while visited.sum() < n_select:
-      left = n_select - int(visited.sum())
-      if n_select == n_active:
-        pending = np.flatnonzero(~visited)
-      else:
-        influence = _partial_influence(np.concatenate(row_blocks), np.concatenate(row_nodes),
+    if not capped:  # Every feature: rows go straight to their place in the graph.
+      adjacency = np.zeros((n_nodes, n_nodes), np.float32)
+      compute(n_active + np.arange(n_logits), adjacency[n_sources:, :n_sources])
+      compute(np.arange(n_active), adjacency[:n_active, :n_sources])
+      selected = np.arange(n_active)
+    else:  # Rows in order of estimated influence, logits first.
+      edges = np.zeros((n_logits + n_select, n_sources), np.float32)
+      compute(n_active + np.arange(n_logits), edges[:n_logits])
+      row_nodes = np.concatenate([n_sources + np.arange(n_logits),
+                                  np.zeros(n_select, np.int64)])
+      visited = np.zeros(n_active, bool)
+      done = 0
+      while done < n_select:
+        influence = _partial_influence(edges[:n_logits + done], row_nodes[:n_logits + done],
                                        logit_p, n_nodes)[:n_active]
         rank = np.argsort(-influence, kind="stable")
-        pending = rank[~visited[rank]][:min(update_interval * batch, left)]
-      row_blocks.append(compute(pending))
-      row_nodes.append(pending)
-      visited[pending] = True
+        pending = rank[~visited[rank]][:min(update_interval * batch, n_select - done)]
+        at = n_logits + done
+        compute(pending, edges[at:at + len(pending)])
+        row_nodes[at:at + len(pending)] = pending
+        visited[pending] = True
+        done += len(pending)
+      selected = np.flatnonzero(visited)
+      cols = np.concatenate([selected, np.arange(n_active, n_sources)])
+      size = len(selected) + (n_sources - n_active) + n_logits
+      adjacency = np.zeros((size, size), np.float32)
+      order = n_logits + np.argsort(row_nodes[n_logits:], kind="stable")
+      for i in range(0, len(order), 1024):  # Row blocks: no second copy of the edges.
+        block = order[i:i + 1024]
+        adjacency[i:i + len(block), :len(cols)] = edges[block][:, cols]
+      adjacency[size - n_logits:, :len(cols)] = edges[:n_logits][:, cols]
+      del edges
   finally:
     bar.close()
-
-  selected = np.flatnonzero(visited)
-  rows = np.concatenate(row_blocks[1:]) if len(row_blocks) > 1 else np.zeros((0, n_sources))
-  order = np.argsort(np.concatenate(row_nodes[1:]) if len(row_nodes) > 1 else [], kind="stable")
-  feature_rows = rows[order]  # Rows in the order of `selected`.
-  cols = np.concatenate([selected, np.arange(n_active, n_sources)])
-  n_sel = len(selected)
-  size = n_sel + (n_sources - n_active) + n_logits
-  adjacency = np.zeros((size, size), np.float32)
-  adjacency[:n_sel, :len(cols)] = feature_rows[:, cols]
-  adjacency[size - n_logits:, :len(cols)] = logit_rows[:, cols]
   features = np.stack([feats[0], feats[1], feats[2]], axis=1).astype(np.int64)
   return Graph(
       input_tokens=tokens, active_features=features,
