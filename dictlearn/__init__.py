@@ -20,7 +20,7 @@ from dictlearn.crosslayer import CrossLayerTranscoder
 from dictlearn import activation_data, analysis, catalog, crosslayer, interventions, metrics, sites
 from dictlearn.io import load, save
 from dictlearn.sparse import SparseCodes, decode_sparse, encode_decode, encode_sparse
-from dictlearn import graphs, sharding
+from dictlearn import attribution, graphs, sharding
 
 __version__ = "0.1.0"
 

@@ -19,6 +19,8 @@ MODULES = [
     "dictlearn.analysis",
     "dictlearn.evals",
     "dictlearn.graphs",
+    "dictlearn.crosslayer",
+    "dictlearn.attribution",
     "dictlearn.report",
     "dictlearn.graph_view",
     "dictlearn.metrics",
