@@ -98,3 +98,43 @@ def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
   g = graphs.from_json(data)
   assert g.n_layers == 18 and len(g.logit_tokens) >= 1
   assert any("logit_lens" in n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE)
+
+
+def _fixture_transcoders(z, case):
+  """The seeded transcoders circuit-tracer's graphs were computed with (no weights in git)."""
+  import circuit_transcoders as ct
+  width, seed = int(z["width"]), int(z["seed"])
+  if case == "clt":
+    layers = ct.make_clt(seed, z["thresholds"], width, z["enc_scale"], z["dec_scale"])
+    stack = lambda k: jnp.stack([p[k] for p in layers])  # noqa: E731
+    return dictlearn.CrossLayerTranscoder(
+        w_enc=stack("w_enc"), b_enc=stack("b_enc"), threshold=stack("threshold"),
+        w_dec=stack("w_dec"), b_dec=stack("b_dec"))
+  skip = z["skip_scale"] if case == "skip" else None
+  layers = ct.make_plt(seed, z["thresholds"], width, z["enc_scale"], z["dec_scale"], skip)
+  return {layer: dictlearn.Transcoder(
+      w_enc=jnp.asarray(p["w_enc"]), b_enc=jnp.asarray(p["b_enc"]),
+      threshold=jnp.asarray(p["threshold"]), w_dec=jnp.asarray(p["w_dec"]),
+      b_dec=jnp.asarray(p["b_dec"]), w_skip=(jnp.asarray(p["affine_skip_connection"])
+                                             if skip is not None else None))
+      for layer, p in enumerate(layers)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["skip", "noskip", "clt"])
+def test_graphs_match_circuit_tracer_on_the_real_270m(gemma3_270m, case):
+  """circuit-tracer 0.5's graphs (scripts/make_circuit_fixtures.py, its Gemma 3 bugs fixed)."""
+  import pathlib
+  path = pathlib.Path(__file__).parent / "fixtures" / "circuits" / f"{case}.npz"
+  z = np.load(path, allow_pickle=False)
+  model, _ = gemma3_270m
+  g = circuits.attribute(model, z["input_tokens"], _fixture_transcoders(z, case),
+                         max_n_logits=5, desired_logit_prob=0.95, progress=False)
+  np.testing.assert_array_equal(g.active_features, z["active_features"])
+  np.testing.assert_array_equal(g.selected_features, z["selected_features"])
+  np.testing.assert_array_equal(g.logit_tokens, z["logit_tokens"])
+  np.testing.assert_allclose(g.logit_probabilities, z["logit_probabilities"], rtol=1e-3)
+  np.testing.assert_allclose(g.activation_values, z["activation_values"], rtol=1e-4, atol=1e-5)
+  want = z["adjacency"]
+  row_scale = np.abs(want).max(axis=1, keepdims=True)
+  assert (np.abs(g.adjacency - want) <= 1e-4 * row_scale + 1e-7).all()
