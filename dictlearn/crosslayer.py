@@ -177,3 +177,35 @@ def random_clt(key, n_layers: int, d_in: int, width: int, *, d_out: int | None =
       b_dec=jnp.zeros((n_layers, d_out)), w_skip=w_skip,
       meta=meta or DictMeta(kind="clt", site="mlp_in", site_out="mlp_out"))
   return c.astype(dtype)
+
+
+# ------------------------------------------------ layer by layer (hooks in a running model)
+
+
+def encode_layer(c: CrossLayerTranscoder, layer: int, x: Array, *,
+                 compute_dtype=jnp.float32) -> Array:
+  """Layer ``layer``'s latents f (..., width) from its MLP input x (..., d_in)."""
+  pre = matmul(x, c.w_enc[layer], compute_dtype) + c.b_enc[layer].astype(jnp.float32)
+  return jumprelu(pre, c.threshold[layer])
+
+
+def writes_of(c: CrossLayerTranscoder, layer: int, f: Array, *,
+              compute_dtype=jnp.float32) -> Array:
+  """What layer ``layer``'s latents f (..., width) add to every MLP output: (L, ..., d_out),
+  zero for the layers before it."""
+  dt = jnp.dtype(compute_dtype)
+  later = (jnp.arange(c.n_layers) >= layer).astype(dt)
+  return jnp.einsum("...w,wjd,j->j...d", f.astype(dt), c.w_dec[layer].astype(dt), later,
+                    preferred_element_type=jnp.float32)
+
+
+def output_of(c: CrossLayerTranscoder, layer: int, writes: Array, x: Array | None = None, *,
+              compute_dtype=jnp.float32) -> Array:
+  """MLP output of ``layer`` (..., d_out) from the summed writes of layers <= it
+  (``sum_i writes_of(c, i, f_i)[layer]``) and, with skips, its MLP input x."""
+  y = writes
+  if c.b_dec is not None:
+    y = y + c.b_dec[layer].astype(jnp.float32)
+  if c.w_skip is not None:
+    y = y + matmul(x, c.w_skip[layer], compute_dtype)
+  return y

@@ -138,3 +138,27 @@ def test_graphs_match_circuit_tracer_on_the_real_270m(gemma3_270m, case):
   want = z["adjacency"]
   row_scale = np.abs(want).max(axis=1, keepdims=True)
   assert (np.abs(g.adjacency - want) <= 1e-4 * row_scale + 1e-7).all()
+
+
+def test_a_spliced_cross_layer_transcoder_replaces_every_mlp(tiny):
+  model, _ = tiny
+  n = get_preset("tiny").num_layers
+  d = get_preset("tiny").d_model
+  clt = dictlearn.crosslayer.random_clt(jax.random.key(3), n, d, 24, skip=True, threshold=0.1)
+  got = np.asarray(forward_logits(splice(model, clt), TOKENS[None]))[0]
+  # The same by hand through the linearized blocks: layer i's latents from its own MLP
+  # input, every MLP output the CLT's (the real MLP at BOS).
+  lin = circuits.linearizable(model)
+  ins = []
+
+  def mlp(layer, h, real):
+    ins.append(h)
+    y = dictlearn.crosslayer.forward(clt.replace(
+        w_enc=clt.w_enc[:layer + 1], b_enc=clt.b_enc[:layer + 1],
+        threshold=clt.threshold[:layer + 1], w_dec=clt.w_dec[:layer + 1, :, :layer + 1],
+        b_dec=clt.b_dec[:layer + 1], w_skip=clt.w_skip[:layer + 1]), jnp.stack(ins))[layer]
+    return y.at[0].set(real(h)[0])
+
+  final = lin.model.forward(lin.model.params, lin.embeddings(TOKENS), mlp)
+  np.testing.assert_allclose(got, final @ lin.model.unembedding.T, atol=2e-4, rtol=1e-4)
+  assert np.abs(got - np.asarray(forward_logits(model, TOKENS[None]))[0]).max() > 1e-3

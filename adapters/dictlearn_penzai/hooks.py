@@ -38,9 +38,11 @@ from penzai import pz
 from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
 from dictlearn import interventions
+from dictlearn.crosslayer import CrossLayerTranscoder
 from dictlearn_penzai import layers as L
 from dictlearn_penzai.hookpoint import HookPoint
-from dictlearn_penzai.sites import Site, as_site, check_site, feature_axis, read_write
+from dictlearn_penzai.sites import (
+    Site, as_site, check_site, feature_axis, num_layers, read_write)
 
 NamedArray = pz.nx.NamedArray
 
@@ -312,7 +314,9 @@ def splice(model, dictionary, site=None, skip_bos: bool = True, *,
   An SAE replaces its site with its reconstruction. A transcoder reads its input site
   (``mlp_in``) and replaces its output site (``mlp_out`` of the same layer) with its
   prediction: the MLP's contribution is then the transcoder's. Runs the fused
-  ``dictlearn.interventions.splice``.
+  ``dictlearn.interventions.splice``. A ``dictlearn.CrossLayerTranscoder`` replaces every
+  MLP at once: each layer's latents are encoded at its mlp_in and every mlp_out gets the
+  writes of all layers up to it (``site`` must be None).
 
   Args:
     model: a penzai model with HookPoints.
@@ -322,10 +326,28 @@ def splice(model, dictionary, site=None, skip_bos: bool = True, *,
     skip_bos: leave position 0 (BOS) unchanged.
     compute_dtype: matmul operand dtype for the core (float32 accumulation always).
   """
+  if isinstance(dictionary, CrossLayerTranscoder):
+    if site is not None:
+      raise ValueError("a cross-layer transcoder replaces every MLP: pass site=None")
+    return _splice_clt(model, dictionary.validate(), skip_bos)
   layer = L.dictionary_layer(dictionary, compute_dtype)
   model, dst, slot = _reader(model, layer, site)
   return attach(model, dst, L.Splice(layer=layer, input_slot=slot, site=dst,
                                      skip_bos=skip_bos))
+
+
+def _splice_clt(model, clt: CrossLayerTranscoder, skip_bos: bool):
+  n = num_layers(model)
+  if clt.n_layers != n:
+    raise ValueError(f"the cross-layer transcoder has {clt.n_layers} layers, the model {n}")
+  _check_width(model, Site("mlp_in", 0), clt.d_in, f"the CLT expects d_in={clt.d_in}")
+  slot = pz.StateVariable(value=None, label=_fresh_label(model, "dictlearn/clt"))
+  for i in range(n):
+    model = attach(model, Site("mlp_in", i), L.CrossLayerRead(
+        clt=clt, slot=slot, layer=i, site=Site("mlp_in", i)))
+    model = attach(model, Site("mlp_out", i), L.CrossLayerWrite(
+        clt=clt, slot=slot, layer=i, site=Site("mlp_out", i), skip_bos=skip_bos))
+  return model
 
 
 def steer(model, site, direction, coeff, scale: str = "norm", skip_bos: bool = True):

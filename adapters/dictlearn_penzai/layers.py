@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from penzai import pz
 
 import dictlearn
+from dictlearn import crosslayer
 from dictlearn import interventions
 from dictlearn_penzai.sites import ATTN_Z_AXIS, HEAD_AXES, Site
 
@@ -325,6 +326,49 @@ class EditLatents(SiteHook):
         self.layer.dictionary, x_in, target, ablate=self.ablate, clamp=clamp,
         mask=position_mask(x, side_inputs, self.skip_bos),
         compute_dtype=self.layer.compute_dtype))
+
+
+@pz.pytree_dataclass
+class CrossLayerRead(SiteHook):
+  """At layer i's mlp_in: encodes the CLT's layer-i latents and adds what they write into
+  every later MLP output to ``slot`` (the running sums, and this layer's input)."""
+
+  clt: dictlearn.CrossLayerTranscoder
+  slot: pz.StateVariable
+  layer: int = dataclasses.field(metadata={"pytree_node": False})
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    v, _ = plain(x)
+    f = crosslayer.encode_layer(self.clt, self.layer, v)
+    writes = crosslayer.writes_of(self.clt, self.layer, f)
+    held = self.slot.value
+    self.slot.value = dict(writes=writes if held is None else held["writes"] + writes, x=v)
+    return x
+
+
+@pz.pytree_dataclass
+class CrossLayerWrite(SiteHook):
+  """At layer j's mlp_out: the CLT's output there (all layers' writes so far, bias, skip)
+  in place of the MLP's, except at BOS; the last layer empties ``slot``."""
+
+  clt: dictlearn.CrossLayerTranscoder
+  slot: pz.StateVariable
+  layer: int = dataclasses.field(metadata={"pytree_node": False})
+  site: Site = dataclasses.field(metadata={"pytree_node": False})
+  skip_bos: bool = dataclasses.field(default=True, metadata={"pytree_node": False})
+
+  def __call__(self, x: NamedArray, **side_inputs) -> NamedArray:
+    target, back = plain(x)
+    held = self.slot.value
+    if held is None:
+      raise ValueError(f"the cross-layer transcoder hook at {self.site} found no latents: "
+                       "its reading hook at mlp_in did not run first in this call")
+    y = crosslayer.output_of(self.clt, self.layer, held["writes"][self.layer], held["x"])
+    if self.layer == self.clt.n_layers - 1:
+      self.slot.value = None
+    mask = position_mask(x, side_inputs, self.skip_bos)[..., None]
+    return back(jnp.where(mask, y, target.astype(jnp.float32)).astype(target.dtype))
 
 
 def direction_array(direction, axis: str, size: int | None = None) -> NamedArray:
