@@ -162,3 +162,28 @@ def test_a_spliced_cross_layer_transcoder_replaces_every_mlp(tiny):
   final = lin.model.forward(lin.model.params, lin.embeddings(TOKENS), mlp)
   np.testing.assert_allclose(got, final @ lin.model.unembedding.T, atol=2e-4, rtol=1e-4)
   assert np.abs(got - np.asarray(forward_logits(model, TOKENS[None]))[0]).max() > 1e-3
+
+
+class _CharTokenizer:
+  bos_id = 2
+
+  def encode(self, text, add_bos=True):
+    return ([2] if add_bos else []) + [4 + ord(c) % 300 for c in text]
+
+
+def test_default_transcoders_train_once_then_come_from_the_cache(tiny, tmp_path):
+  from dictlearn_penzai.replacement import Recipe, default_transcoders
+  model, _ = tiny
+  recipe = Recipe(tokens=2048, seq_len=32, width=16, target_l0=3, steps=30, batch_size=128)
+  texts = ["the quick brown fox jumps over the lazy dog " * 40] * 4
+  first = default_transcoders(model, _CharTokenizer(), texts, model_name="tiny",
+                              recipe=recipe, cache_dir=tmp_path, progress=False)
+  n = get_preset("tiny").num_layers
+  assert sorted(first) == list(range(n))
+  assert all(t.w_skip is not None and t.meta.layer == layer for layer, t in first.items())
+  again = default_transcoders(model, _CharTokenizer(), None, model_name="tiny",
+                              recipe=recipe, cache_dir=tmp_path, progress=False)
+  for layer in range(n):
+    np.testing.assert_array_equal(np.asarray(again[layer].w_dec), np.asarray(first[layer].w_dec))
+  g = circuits.attribute(model, TOKENS, again, max_n_logits=2, progress=False)
+  assert len(g.active_features) > 0

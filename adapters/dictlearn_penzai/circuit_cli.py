@@ -6,7 +6,9 @@ Example::
 
 ``--transcoders`` is a cross-layer transcoder folder (``params_layer_{i}.safetensors``) or a
 folder of per-layer transcoder folders (Gemma Scope 2 layout, each config naming its layer,
-e.g. ``tc/layer_3/``); layers without one are all error. Writes the pruned graph as a
+e.g. ``tc/layer_3/``); layers without one are all error. Without it, small affine
+transcoders for every layer are trained on the default corpus on first use (a few minutes
+on a CPU, with progress bars) and cached (``dictlearn_penzai.replacement``). Writes the pruned graph as a
 self-contained HTML page (``--out``) and in the circuit-tracer / Neuronpedia JSON schema
 (``--json``, default beside the page), plus the full graph as ``.npz`` with ``--npz``.
 """
@@ -31,8 +33,9 @@ def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="dictlearn circuit", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--prompt", required=True)
-  ap.add_argument("--transcoders", required=True,
-                  help="a CLT folder, or a folder of per-layer transcoder folders")
+  ap.add_argument("--transcoders",
+                  help="a CLT folder, or a folder of per-layer transcoder folders (default: "
+                       "train small ones on first use and cache them)")
   ap.add_argument("--out", required=True, help="the HTML page to write")
   ap.add_argument("--json", help="the graph file (default: --out with .json)")
   ap.add_argument("--npz", help="also save the full, unpruned graph here")
@@ -92,16 +95,21 @@ def main(argv=None) -> int:
   from dictlearn_penzai.loading import load_gemma3
 
   try:
-    transcoders = load_transcoders(args.transcoders)
+    transcoders = load_transcoders(args.transcoders) if args.transcoders else None
   except DictionaryFileError as e:
     raise SystemExit(f"--transcoders: {e}") from e
   model, tokenizer = load_gemma3(args.model or default_model(), dtype=jnp.float32)
+  if transcoders is None:
+    from dictlearn_gemma.corpus import default_corpus
+    from dictlearn_penzai.replacement import default_transcoders
+    name = Path(args.model).stem if args.model else "gemma-3-270m"
+    transcoders = default_transcoders(model, tokenizer, default_corpus()[1], model_name=name)
   ids = list(tokenizer.encode(args.prompt))  # BOS first.
   graph = circuits.attribute(
       model, ids, transcoders, max_n_logits=args.max_n_logits,
       desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
       batch_size=args.batch_size, input_string=args.prompt,
-      metadata={"transcoders": str(args.transcoders)})
+      metadata={"transcoders": str(args.transcoders or "dictlearn_penzai.replacement")})
   if args.npz:
     graphs.save(graph, args.npz)
   data = graphs.to_json(graph, slug=Path(args.out).stem,
