@@ -63,7 +63,9 @@ class LinearizableModel:
       ``real(h)`` the model's own MLP output; ``y`` (n_pos, d) is used as ``mlp_out``.
       Attention patterns and norm scales carry no gradient. With ``record`` (a dict) it
       stores them there; with ``frozen`` (such a dict) it uses those values instead of
-      computing them. Must be hashable (a module-level function): it is static under jit.
+      computing them. With ``n_blocks=k`` it runs only the first k blocks and returns
+      None (used for prompts of 256 tokens and more). Must be hashable (a module-level
+      function): it is static under jit.
     unembedding: (vocab, d): ``logits = final @ unembedding.T``.
     n_layers: number of blocks.
   """
@@ -222,12 +224,21 @@ def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
 # ------------------------------------------------------------------ the linear model
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "n_active", "n_targets"))
-def _rows(params, consts, target_ids, *, forward, n_active, n_targets):
+@functools.partial(jax.jit, static_argnames=("forward", "n_active", "n_targets", "n_pos_run",
+                                             "n_blocks"))
+def _rows(params, consts, target_ids, *, forward, n_active, n_targets, n_pos_run, n_blocks):
   """Adjacency rows (B, n_active + L * n_pos + n_pos) of the targets ``target_ids`` (B,):
-  target i < n_active is feature i's pre-activation, n_active + j is logit j."""
-  x0, mlp_out = consts["x0"], consts["mlp_out"]
-  n_layers, n_pos = mlp_out.shape[0], mlp_out.shape[1]
+  target i < n_active is feature i's pre-activation, n_active + j is logit j.
+
+  Only the first ``n_pos_run`` positions and ``n_blocks`` blocks are run: enough for
+  targets at earlier positions and layers (the model is causal; a layer-L target reads
+  mlp_in of block L), whose sources outside that region have no effect on them.
+  """
+  n_layers, n_pos = consts["mlp_out"].shape[0], consts["mlp_out"].shape[1]
+  full = n_blocks == n_layers
+  x0 = consts["x0"][:n_pos_run]
+  mlp_out = consts["mlp_out"][:n_blocks, :n_pos_run]
+  err = consts["err"][:n_blocks, :n_pos_run]
 
   def targets(c, e, t):
     out = []
@@ -240,18 +251,37 @@ def _rows(params, consts, target_ids, *, forward, n_active, n_targets):
       if w_skip is not None:  # The only path by which a gradient crosses the MLP.
         lin = matmul(h, w_skip)
         y = jax.lax.stop_gradient(y - lin) + lin
-      dec = consts["dec"][layer]
-      y = y.at[dec["pos"]].add(c[dec["src"]][:, None] * dec["vec"])
-      return y + e[layer][:, None] * consts["err"][layer]
+      dec = consts["dec"][layer]  # Writes past the prefix are dropped (out of bounds).
+      y = y.at[dec["pos"]].add(c[dec["src"]][:, None] * dec["vec"], mode="drop")
+      return y + e[layer][:, None] * err[layer]
 
-    final = forward(params, x0 * (1.0 + t)[:, None], mlp)
-    out.append(matmul(final[-1], consts["logit_vecs"].T))
+    x = x0 * (1.0 + t)[:, None]
+    if full:
+      final = forward(params, x, mlp)
+      out.append(matmul(final[-1], consts["logit_vecs"].T))
+    else:
+      forward(params, x, mlp, n_blocks=n_blocks)
+      out += [jnp.zeros(len(consts["enc"][layer]["pos"])) for layer in range(n_blocks, n_layers)]
+      out.append(jnp.zeros(len(consts["logit_vecs"])))
     return jnp.concatenate(out)
 
-  zeros = (jnp.zeros((n_active,)), jnp.zeros((n_layers, n_pos)), jnp.zeros((n_pos,)))
+  zeros = (jnp.zeros((n_active,)), jnp.zeros((n_blocks, n_pos_run)), jnp.zeros((n_pos_run,)))
   _, vjp = jax.vjp(targets, *zeros)
   gc, ge, gt = jax.vmap(vjp)(jax.nn.one_hot(target_ids, n_targets, dtype=jnp.float32))
-  return jnp.concatenate([gc, ge.reshape(len(target_ids), -1), gt], axis=1)
+  b = len(target_ids)
+  ge = jnp.zeros((b, n_layers, n_pos)).at[:, :n_blocks, :n_pos_run].set(ge)
+  gt = jnp.zeros((b, n_pos)).at[:, :n_pos_run].set(gt)
+  return jnp.concatenate([gc, ge.reshape(b, -1), gt], axis=1)
+
+
+def row_buckets(n_pos: int, n_layers: int, long_from: int = 256):
+  """(prefix lengths, block counts) to run rows on: for long prompts, where the rows'
+  compute outweighs compiling a few more shapes, 4 prefixes and 3 depths; else the whole."""
+  if n_pos < long_from:
+    return (n_pos,), (n_layers,)
+  prefixes = tuple(sorted({min(n_pos, -(-n_pos * k // 4 // 8) * 8) for k in (1, 2, 3, 4)}))
+  depths = tuple(sorted({-(-n_layers * k // 3) for k in (1, 2, 3)}))
+  return prefixes, depths
 
 
 def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs) -> dict:
@@ -355,8 +385,8 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
               max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               max_feature_nodes: int | None = None, batch_size: int = 64,
               update_interval: int = 4, mesh=None, axis: str | None = None,
-              progress: bool = True, metadata: dict | None = None,
-              input_string: str = "") -> Graph:
+              split_rows_from: int = 256, progress: bool = True,
+              metadata: dict | None = None, input_string: str = "") -> Graph:
   """The attribution graph of one prompt (see the module docstring for its definitions).
 
   Args:
@@ -372,6 +402,9 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     batch_size: rows per compiled backward pass.
     mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``): each batch of rows is
       split over ``mesh[axis]`` (default: its first axis); weights are replicated.
+    split_rows_from: from this many tokens on, a row runs only the prefix and the blocks
+      its target needs (4 prefix lengths x 3 depths, each compiled once): about half the
+      work of full-length rows, for the price of more compilations.
     progress: a tqdm bar over the rows.
 
   Returns:
@@ -409,16 +442,26 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     placed = NamedSharding(mesh, P(axis))
   batch = max(n_dev, -(-batch_size // n_dev) * n_dev)
 
+  prefixes, depths = row_buckets(n_pos, model.n_layers, split_rows_from)
+  # What each target needs run: its position's prefix and the blocks up to its layer.
+  need_pos = np.concatenate([feats[1] + 1, np.full(n_logits, n_pos)])
+  need_blocks = np.concatenate([feats[0] + 1, np.full(n_logits, model.n_layers)])
+
   def compute(target_ids: np.ndarray, out: np.ndarray):
     """Writes the rows of ``target_ids`` into ``out`` (len(target_ids), n_sources)."""
-    for i in range(0, len(target_ids), batch):
-      ids = target_ids[i:i + batch]
-      padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
-      ids_dev = jax.device_put(padded, placed) if placed is not None else padded
-      rows = _rows(params, consts, ids_dev, forward=model.forward, n_active=n_active,
-                   n_targets=n_active + n_logits)
-      out[i:i + len(ids)] = np.asarray(rows)[:len(ids)]
-      bar.update(len(ids))
+    p = np.asarray(prefixes)[np.searchsorted(prefixes, need_pos[target_ids])]
+    k = np.asarray(depths)[np.searchsorted(depths, need_blocks[target_ids])]
+    for n_pos_run, n_blocks in sorted(set(zip(p.tolist(), k.tolist()))):
+      where = np.flatnonzero((p == n_pos_run) & (k == n_blocks))
+      for i in range(0, len(where), batch):
+        at = where[i:i + batch]
+        ids = target_ids[at]
+        padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
+        ids_dev = jax.device_put(padded, placed) if placed is not None else padded
+        rows = _rows(params, consts, ids_dev, forward=model.forward, n_active=n_active,
+                     n_targets=n_active + n_logits, n_pos_run=n_pos_run, n_blocks=n_blocks)
+        out[at] = np.asarray(rows)[:len(ids)]
+        bar.update(len(ids))
 
   capped = max_feature_nodes is not None and max_feature_nodes < n_active
   n_select = min(max_feature_nodes, n_active) if capped else n_active
@@ -442,7 +485,8 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
         influence = _partial_influence(edges[:n_logits + done], row_nodes[:n_logits + done],
                                        logit_p, n_nodes)[:n_active]
         rank = np.argsort(-influence, kind="stable")
-        pending = rank[~visited[rank]][:min(update_interval * batch, n_select - done)]
+        queue = update_interval * batch * len(prefixes) * len(depths)
+        pending = rank[~visited[rank]][:min(queue, n_select - done)]
         at = n_logits + done
         compute(pending, edges[at:at + len(pending)])
         row_nodes[at:at + len(pending)] = pending

@@ -104,7 +104,7 @@ def _freeze_layers(tree):
       with_keypath=True)
 
 
-def _run_blocks(params, x0, mlp, frozen=None, record=None):
+def _run_blocks(params, x0, mlp, frozen=None, record=None, n_blocks=None):
   """``attribution.LinearizableModel.forward`` for the parts built by ``linearizable``."""
   blocks, final_norm = params
   n_pos = x0.shape[0]
@@ -113,12 +113,14 @@ def _run_blocks(params, x0, mlp, frozen=None, record=None):
   wrap = lambda v: pz.nx.wrap(v).tag("seq", "embedding")
   plain = lambda v: v.unwrap("seq", "embedding").astype(jnp.float32)
   x = wrap(x0)
-  for layer, block in enumerate(blocks):
+  for layer, block in enumerate(blocks[:n_blocks]):
     x = block.attention(x, **side)
     h = block.pre_mlp(x, **side)
     dtype = h.dtype
     real = lambda v, block=block: plain(block.mlp(wrap(v.astype(dtype)), **side))
     x = x + wrap(mlp(layer, plain(h), real).astype(x.dtype))
+  if n_blocks is not None and n_blocks < len(blocks):
+    return None
   return plain(final_norm(x, **side))
 
 

@@ -34,12 +34,12 @@ def _norm(x, w, key, frozen, record):
   return x * scale * w
 
 
-def toy_forward(params, x0, mlp, frozen=None, record=None):
+def toy_forward(params, x0, mlp, frozen=None, record=None, n_blocks=None):
   """Pre-norm blocks: causal softmax attention (one head), a GELU MLP with post-norm."""
   x = x0
   n = x.shape[0]
   causal = jnp.tril(jnp.ones((n, n), bool))
-  for i, b in enumerate(params["blocks"]):
+  for i, b in enumerate(params["blocks"][:n_blocks]):
     h = _norm(x, b["n1"], f"n1.{i}", frozen, record)
     scores = jnp.where(causal, (h @ b["q"]) @ (h @ b["k"]).T / np.sqrt(D), -1e9)
     pattern = _frozen(f"attn.{i}", lambda: jax.nn.softmax(scores, -1), frozen, record)
@@ -50,6 +50,8 @@ def toy_forward(params, x0, mlp, frozen=None, record=None):
       return _norm(jax.nn.gelu(v @ b["w1"]) @ b["w2"], b["n4"], f"n4.{i}", frozen, record)
 
     x = x + mlp(i, h, real)
+  if n_blocks is not None and n_blocks < len(params["blocks"]):
+    return None
   return _norm(x, params["final"], "final", frozen, record)
 
 
@@ -134,10 +136,10 @@ def test_cross_layer_transcoder_edges_are_direct_effects():
 def test_exact_transcoders_leave_zero_error_edges():
   tc = transcoders(skip=True)
 
-  def exact_forward(params, x0, mlp, frozen=None, record=None):  # Each MLP is its transcoder.
-    def swap(layer, h, real):
+  def exact_forward(params, x0, mlp, frozen=None, record=None, n_blocks=None):
+    def swap(layer, h, real):  # Each MLP is its transcoder.
       return mlp(layer, h, lambda v: dictlearn.forward(tc[layer], v))
-    return toy_forward(params, x0, swap, frozen, record)
+    return toy_forward(params, x0, swap, frozen, record, n_blocks)
 
   model, x0 = toy_model(forward=exact_forward)
   g = attribution.attribute(model, x0, TOKENS, tc, max_n_logits=3, progress=False)
@@ -186,6 +188,21 @@ def test_capped_graph_keeps_the_full_graphs_rows_of_its_features():
   # The cap keeps features the full graph ranks influential: more than a random pick would.
   infl = graphs.node_influence(full)[:len(full.selected_features)]
   assert infl[sel].mean() > infl.mean()
+
+
+def test_rows_run_on_prefixes_and_partial_depths_equal_full_rows():
+  params, table = toy_params(1)
+  model = attribution.LinearizableModel(params=params, forward=toy_forward, unembedding=table,
+                                        n_layers=LAYERS)
+  tokens = np.random.default_rng(0).integers(0, VOCAB, 40)
+  x0 = table[tokens] * np.sqrt(D)
+  tc = transcoders()
+  whole = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, progress=False)
+  assert attribution.row_buckets(40, LAYERS, 1) == ((16, 24, 32, 40), (1, 2, 3))
+  split = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, split_rows_from=1,
+                                progress=False)
+  np.testing.assert_array_equal(split.active_features, whole.active_features)
+  np.testing.assert_allclose(split.adjacency, whole.adjacency, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_rows_equal_one_device():
