@@ -110,10 +110,11 @@ class _Replacement:
       return self.clt.w_dec[layer, latent, target_layer]
     return self.layers[layer].w_dec[latent]
 
-  def writes_to(self, layer, target_layer) -> bool:
+  def writes_to(self, layers: np.ndarray, target_layer: int) -> np.ndarray:
+    """Which latents of ``layers`` (n,) write into ``target_layer``'s MLP output."""
     if self.clt is not None:
-      return layer <= target_layer
-    return layer == target_layer and self.layers[layer] is not None
+      return layers <= target_layer
+    return (layers == target_layer) & (self.layers[target_layer] is not None)
 
   def reconstruct(self, mlp_in: Array, acts: list) -> Array:
     """Transcoder outputs (L, n_pos, d) from MLP inputs and (BOS-zeroed) activations."""
@@ -301,8 +302,7 @@ def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs) -> 
       enc.append(dict(pos=jnp.asarray(pos_of[sel], jnp.int32),
                       vec=jnp.asarray(w_enc, jnp.float32)[:, lat].T,
                       bias=jnp.asarray(b_enc, jnp.float32)[lat]))
-    src = np.flatnonzero([rep.writes_to(int(s), layer) for s in layer_of]) if len(
-        layer_of) else np.zeros((0,), np.int64)
+    src = np.flatnonzero(rep.writes_to(layer_of, layer))
     if len(src):
       vec = _decoder_rows(rep, layer_of[src], lat_of[src], layer) * jnp.asarray(val_of[src])[:, None]
     else:
@@ -320,9 +320,10 @@ def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs) -> 
 def _decoder_rows(rep: _Replacement, layers, latents, target_layer) -> Array:
   """(n, d) float32 decoder vectors of the given latents into ``target_layer``."""
   if rep.clt is not None:
-    return jnp.asarray(rep.clt.w_dec, jnp.float32)[jnp.asarray(layers), jnp.asarray(latents),
-                                                    target_layer]
-  return jnp.asarray(rep.layers[target_layer].w_dec, jnp.float32)[jnp.asarray(latents)]
+    rows = rep.clt.w_dec[jnp.asarray(layers), jnp.asarray(latents), target_layer]
+  else:
+    rows = rep.layers[target_layer].w_dec[jnp.asarray(latents)]
+  return rows.astype(jnp.float32)
 
 
 # ------------------------------------------------------------------ graphs
