@@ -277,7 +277,7 @@ _JS = r"""<script>
     if (location.hash !== hash) history.replaceState(null, "", hash);
   }
   function fromHash() {
-    var m = /^#node=(.*)$/.exec(location.hash), id;
+    var m = /^#node=(.+)$/.exec(location.hash), id;
     if (!m) return;
     try { id = decodeURIComponent(m[1]); } catch (e) { id = m[1]; }
     var i = G.nodes.findIndex(function (n) { return n.id === id; });
