@@ -43,7 +43,7 @@ import numpy as np
 
 from dictlearn import crosslayer
 from dictlearn.crosslayer import CrossLayerTranscoder
-from dictlearn.dictionary import JumpReLUSAE, Transcoder, jumprelu, matmul
+from dictlearn.dictionary import JumpReLUSAE, Transcoder, decode, jumprelu, matmul
 from dictlearn.graphs import Graph
 
 Array = jax.Array
@@ -104,12 +104,6 @@ class _Replacement:
     t = self.layers[layer]
     return None if t is None else t.w_skip
 
-  def decoder_row(self, layer, latent, target_layer):
-    """The (d,) vector latent ``latent`` of ``layer`` writes into ``target_layer``."""
-    if self.clt is not None:
-      return self.clt.w_dec[layer, latent, target_layer]
-    return self.layers[layer].w_dec[latent]
-
   def writes_to(self, layers: np.ndarray, target_layer: int) -> np.ndarray:
     """Which latents of ``layers`` (n,) write into ``target_layer``'s MLP output."""
     if self.clt is not None:
@@ -125,10 +119,7 @@ class _Replacement:
       if t is None:
         outs.append(jnp.zeros(mlp_in.shape[1:], jnp.float32))
         continue
-      y = matmul(acts[layer], t.w_dec) + t.b_dec.astype(jnp.float32)
-      if t.w_skip is not None:
-        y = y + matmul(mlp_in[layer], t.w_skip)
-      outs.append(y)
+      outs.append(decode(t, acts[layer], mlp_in[layer]))
     return jnp.stack(outs)
 
 
