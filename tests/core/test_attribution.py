@@ -111,6 +111,7 @@ def check_edges_against_intervene(model, x0, tc, g, sources, value_scale=0.0):
                                * (v - a) / a, atol=2e-5 * scale + 1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("skip", [True, False])
 def test_edges_are_the_frozen_models_direct_effects(skip):
   model, x0 = toy_model()
@@ -123,6 +124,7 @@ def test_edges_are_the_frozen_models_direct_effects(skip):
   check_edges_against_intervene(model, x0, tc, g, sources[:1], value_scale=2.5)
 
 
+@pytest.mark.slow
 def test_cross_layer_transcoder_edges_are_direct_effects():
   model, x0 = toy_model()
   c = a_clt()
