@@ -112,28 +112,6 @@ def prompt_ids(n_tokens: int) -> np.ndarray:
   return np.asarray(ids, np.int64)
 
 
-def choose_thresholds(pre, seed, target=1.5, min_margin=0.05):
-  """scripts/make_circuit_fixtures.py's thresholds (copied: that script needs torch)."""
-  n_layers, n_pos, width = pre.shape
-  p = pre[:, 1:].astype(np.float64)
-  rng = np.random.default_rng([int(seed), 99])
-  thr = np.zeros((n_layers, width), np.float32)
-  q = 1.0 - target / width
-  for L in range(n_layers):
-    base = max(float(np.quantile(p[L], q)), 1.0)
-    for f in range(width):
-      v = np.sort(p[L, :, f])
-      goal = base * rng.uniform(0.85, 1.15)
-      cands = [v[-1] + 2 * min_margin]
-      cands += [(a + b) / 2 for a, b in zip(v[:-1], v[1:])
-                if b - a >= 2 * min_margin and (a + b) / 2 > 0.5]
-      cands = np.array(cands)
-      t = np.float32(cands[np.argmin(np.abs(cands - goal))])
-      assert np.abs(p[L, :, f] - float(t)).min() >= min_margin * 0.999
-      thr[L, f] = t
-  return thr
-
-
 def quantile_thresholds(pre, firing):
   """One threshold per layer: its (1 - firing / width) quantile over non-BOS positions."""
   width = pre.shape[-1]
@@ -172,7 +150,7 @@ def worker_prepare(args):
   pre = np.stack([mlp_in[L] @ w + b for L, (w, b) in enumerate(
       CT.encoder(seed, L, width, z["enc_scale"][L]) for L in range(len(mlp_in)))])
   if args.target == "short":
-    thresholds = choose_thresholds(pre, seed)
+    thresholds = CT.choose_thresholds(pre, seed)
   else:
     thresholds = quantile_thresholds(pre, args.firing)
   firing = (pre > thresholds[:, None])[:, 1:]

@@ -166,8 +166,8 @@ def replacement(transcoders, n_layers: int, d_model: int) -> _Replacement:
 # ------------------------------------------------------------------ the clean run
 
 
-@functools.partial(jax.jit, static_argnames=("forward",))
-def _clean(params, x0, *, forward):
+@functools.partial(jax.jit, static_argnames=("forward", "record"))
+def _clean(params, x0, *, forward, record=False):
   ins, outs = [], []
 
   def mlp(layer, h, real):
@@ -176,8 +176,9 @@ def _clean(params, x0, *, forward):
     outs.append(y)
     return y
 
-  final = forward(params, x0, mlp)
-  return jnp.stack(ins), jnp.stack(outs), final
+  frozen = {} if record else None  # filled by the frozen layers: patterns, norm scales
+  final = forward(params, x0, mlp, record=frozen)
+  return jnp.stack(ins), jnp.stack(outs), final, frozen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +195,7 @@ jax.tree_util.register_dataclass(Clean, data_fields=["mlp_in", "mlp_out", "final
 
 
 def clean_run(model: LinearizableModel, x0: Array) -> Clean:
-  return Clean(*_clean(model.params, x0, forward=model.forward))
+  return Clean(*_clean(model.params, x0, forward=model.forward)[:3])
 
 
 def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
@@ -568,13 +569,6 @@ def _edited(params, x0, consts, edits, *, forward, frozen_mode):
   return matmul(final, consts["unembedding"].T), pres
 
 
-@functools.partial(jax.jit, static_argnames=("forward",))
-def _record(params, x0, *, forward):
-  record = {}
-  forward(params, x0, lambda layer, h, real: real(h), record=record)
-  return record
-
-
 def intervene(model: LinearizableModel, x0: Array, transcoders,
               edits: Mapping[tuple[int, int, int], float], *, frozen: bool = True
               ) -> Intervention:
@@ -591,7 +585,8 @@ def intervene(model: LinearizableModel, x0: Array, transcoders,
   x0 = jnp.asarray(x0, jnp.float32)
   n_pos, d = x0.shape
   rep = replacement(transcoders, model.n_layers, d)
-  clean = clean_run(model, x0)
+  *clean, recorded = _clean(model.params, x0, forward=model.forward, record=bool(frozen))
+  clean = Clean(*clean)
   pres, acts = activations(rep, clean.mlp_in)
   keys = []
   for key in edits:
@@ -609,7 +604,7 @@ def intervene(model: LinearizableModel, x0: Array, transcoders,
                 clean_value=np.asarray([acts[l][p, k] for l, p, k in keys], np.float32))
   consts = dict(rep=rep, clean=clean, unembedding=jnp.asarray(model.unembedding))
   if frozen:
-    consts["frozen"] = _record(model.params, x0, forward=model.forward)
+    consts["frozen"] = recorded
   logits, new_pres = _edited(model.params, x0, consts, arrays, forward=model.forward,
                              frozen_mode=frozen)
   as_np = lambda ps: [None if p is None else np.asarray(p) for p in ps]

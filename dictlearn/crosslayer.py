@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dictlearn.dictionary import DictMeta, jumprelu, matmul
+from dictlearn.dictionary import DictMeta, check_values, jumprelu, matmul
 
 Array = jax.Array
 
@@ -86,14 +86,7 @@ class CrossLayerTranscoder:
                  "w_dec": "(n_layers, width, n_layers, d_out)", "b_dec": "(n_layers, d_out)",
                  "w_skip": "(n_layers, d_in, d_out)"}[name]
         raise ValueError(f"{name} must be {names} = {shape} but has {tuple(w.shape)}")
-    for name in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "w_skip"):
-      w = getattr(self, name)
-      if w is None:
-        continue
-      if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype but is {w.dtype}")
-      if check_finite and not bool(np.isfinite(np.asarray(w, np.float32)).all()):
-        raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    check_values(self, check_finite)
     return self
 
   def astype(self, dtype) -> "CrossLayerTranscoder":

@@ -36,6 +36,24 @@ import numpy as np
 
 Array = jax.Array
 
+_TENSORS = ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "w_skip")
+
+
+def check_values(d, check_finite: bool) -> None:
+  """Every tensor of ``d`` a floating dtype and, with ``check_finite``, free of NaN/inf.
+
+  Raises:
+    ValueError: naming the tensor.
+  """
+  for name in _TENSORS:
+    w = getattr(d, name, None)
+    if w is None:
+      continue
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a floating dtype but is {w.dtype}")
+    if check_finite and not bool(np.isfinite(np.asarray(w, np.float32)).all()):
+      raise ValueError(f"{name} has non-finite values (NaN or inf)")
+
 
 @dataclasses.dataclass(frozen=True)
 class DictMeta:
@@ -123,15 +141,7 @@ class _DictionaryBase:
       raise ValueError(
           f"an SAE reconstructs its input, so w_dec must be (width, d_in={d_in}) "
           f"but has {tuple(self.w_dec.shape)}; use dictlearn.Transcoder for d_out != d_in")
-    for name in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "w_skip"):
-      w = getattr(self, name, None)
-      if w is not None and not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"{name} must be a floating dtype but is {w.dtype}")
-    if check_finite:
-      for name in ("w_enc", "b_enc", "threshold", "w_dec", "b_dec", "w_skip"):
-        w = getattr(self, name, None)
-        if w is not None and not bool(np.isfinite(np.asarray(w, np.float32)).all()):
-          raise ValueError(f"{name} has non-finite values (NaN or inf)")
+    check_values(self, check_finite)
     return self
 
   def astype(self, dtype):

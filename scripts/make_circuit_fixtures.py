@@ -292,34 +292,6 @@ def measure_scales(mlp_in, mlp_out):
   return enc_scale, dec_scale, skip_scale
 
 
-def choose_thresholds(pre, seed, target=TARGET_FIRING, min_margin=MIN_MARGIN):
-  """(n_layers, W) thresholds from pre-activations (n_layers, n_pos, W).
-
-  BOS (position 0) is left out: circuit-tracer zeroes its features. Each
-  latent gets its own threshold: the midpoint of the widest-enough gap in its
-  sorted pre-activations that is nearest to a per-latent target (a layer-wide
-  quantile giving `target` firing latents per position, jittered +-15%).
-  """
-  n_layers, n_pos, width = pre.shape
-  p = pre[:, 1:].astype(np.float64)
-  rng = np.random.default_rng([int(seed), 99])
-  thr = np.zeros((n_layers, width), np.float32)
-  q = 1.0 - target / width
-  for L in range(n_layers):
-    base = max(float(np.quantile(p[L], q)), 1.0)
-    for f in range(width):
-      v = np.sort(p[L, :, f])
-      goal = base * rng.uniform(0.85, 1.15)
-      cands = [v[-1] + 2 * min_margin]  # above every value: never fires
-      cands += [(a + b) / 2 for a, b in zip(v[:-1], v[1:])
-                if b - a >= 2 * min_margin and (a + b) / 2 > 0.5]
-      cands = np.array(cands)
-      t = np.float32(cands[np.argmin(np.abs(cands - goal))])
-      assert np.abs(p[L, :, f] - float(t)).min() >= min_margin * 0.999
-      thr[L, f] = t
-  return thr
-
-
 def make_params(case, seed, thresholds, scales):
   enc_scale, dec_scale, skip_scale = scales
   spec = CASES[case]
@@ -519,7 +491,7 @@ def run_case(case, hf, tok, ids, mlp_in, mlp_out, embed, scales, batch_size, ver
   spec = CASES[case]
   seed = spec["seed"]
   pre = pre_activations(seed, mlp_in, scales[0])
-  thresholds = choose_thresholds(pre, seed)
+  thresholds = CT.choose_thresholds(pre, seed, TARGET_FIRING, MIN_MARGIN)
   params = make_params(case, seed, thresholds, scales)
   firing = (pre > thresholds[:, None, :])[:, 1:]
   # (circuit-tracer's CLT reconstruction takes n_pos from the last position

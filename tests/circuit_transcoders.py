@@ -123,3 +123,31 @@ def fingerprint(params):
   keys = sorted(params[0])
   return np.array([[float(np.sum(p[k], dtype=np.float64)) for k in keys]
                    for p in params]), keys
+
+
+def choose_thresholds(pre, seed, target=1.5, min_margin=0.05):
+  """(n_layers, W) thresholds from pre-activations (n_layers, n_pos, W).
+
+  BOS (position 0) is left out: circuit-tracer zeroes its features. Each
+  latent gets its own threshold: the midpoint of the widest-enough gap in its
+  sorted pre-activations that is nearest to a per-latent target (a layer-wide
+  quantile giving `target` firing latents per position, jittered +-15%).
+  """
+  n_layers, n_pos, width = pre.shape
+  p = pre[:, 1:].astype(np.float64)
+  rng = np.random.default_rng([int(seed), 99])
+  thr = np.zeros((n_layers, width), np.float32)
+  q = 1.0 - target / width
+  for L in range(n_layers):
+    base = max(float(np.quantile(p[L], q)), 1.0)
+    for f in range(width):
+      v = np.sort(p[L, :, f])
+      goal = base * rng.uniform(0.85, 1.15)
+      cands = [v[-1] + 2 * min_margin]  # above every value: never fires
+      cands += [(a + b) / 2 for a, b in zip(v[:-1], v[1:])
+                if b - a >= 2 * min_margin and (a + b) / 2 > 0.5]
+      cands = np.array(cands)
+      t = np.float32(cands[np.argmin(np.abs(cands - goal))])
+      assert np.abs(p[L, :, f] - float(t)).min() >= min_margin * 0.999
+      thr[L, f] = t
+  return thr

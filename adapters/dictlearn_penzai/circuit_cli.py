@@ -105,8 +105,9 @@ def main(argv=None) -> int:
     name = Path(args.model).stem if args.model else "gemma-3-270m"
     transcoders = default_transcoders(model, tokenizer, default_corpus()[1], model_name=name)
   ids = list(tokenizer.encode(args.prompt))  # BOS first.
+  lin = circuits.linearizable(model)
   graph = circuits.attribute(
-      model, ids, transcoders, max_n_logits=args.max_n_logits,
+      lin, ids, transcoders, max_n_logits=args.max_n_logits,
       desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
       batch_size=args.batch_size, input_string=args.prompt,
       metadata={"transcoders": str(args.transcoders or "dictlearn_penzai.replacement")})
@@ -115,7 +116,6 @@ def main(argv=None) -> int:
   data = graphs.to_json(graph, slug=Path(args.out).stem,
                         token_strings=lambda i: tokenizer.decode([int(i)]),
                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-  lin = circuits.linearizable(model)
   add_logit_lens(data, transcoders, lin.model.unembedding, tokenizer)
   out = Path(args.out)
   json_path = Path(args.json) if args.json else out.with_suffix(".json")

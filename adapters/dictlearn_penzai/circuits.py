@@ -159,6 +159,10 @@ def linearizable(model) -> Linearized:
   return Linearized(model=core, embed=embed)
 
 
+def _linearized(model) -> Linearized:
+  return model if isinstance(model, Linearized) else linearizable(model)
+
+
 def _token_ids(tokens) -> np.ndarray:
   ids = np.asarray(tokens)
   if ids.ndim == 2 and ids.shape[0] == 1:
@@ -178,7 +182,8 @@ def attribute(model, tokens, transcoders, *, max_n_logits: int = 10,
   definitions; see ``dictlearn.attribution``).
 
   Args:
-    model: a Gemma 3 from ``from_gemma_params`` / ``load_gemma3`` (hooks are ignored).
+    model: a Gemma 3 from ``from_gemma_params`` / ``load_gemma3`` (hooks are ignored), or
+      its ``linearizable(model)`` when several calls share one.
     tokens: the prompt's token ids (seq,), BOS first.
     transcoders: mapping layer -> ``dictlearn.Transcoder`` (a missing layer is all error),
       or a ``dictlearn.CrossLayerTranscoder``.
@@ -190,7 +195,7 @@ def attribute(model, tokens, transcoders, *, max_n_logits: int = 10,
   Returns:
     A ``dictlearn.graphs.Graph`` (prune, score, save or export it with dictlearn.graphs).
   """
-  lin = linearizable(model)
+  lin = _linearized(model)
   ids = _token_ids(tokens)
   meta = {"model": "gemma3", **(metadata or {})}
   return attribution.attribute(
@@ -208,7 +213,7 @@ def intervene(model, transcoders, tokens, edits, *, frozen: bool = True
   their clean values (the direct effects the graph's edges predict); ``frozen=False`` lets
   the edit propagate through the real model. See ``dictlearn.attribution.intervene``.
   """
-  lin = linearizable(model)
+  lin = _linearized(model)
   ids = _token_ids(tokens)
   return attribution.intervene(lin.model, lin.embeddings(ids), transcoders, edits,
                                frozen=frozen)

@@ -30,10 +30,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dictlearn.dictionary import matmul
 from dictlearn.train.config import TrainConfig
+from dictlearn.train.step import jit_state_fn
 
 # Leaves of the params (and of Adam's moments, which mirror them) with a width axis.
 _WIDTH_AXIS = {"w_enc": 1, "b_enc": 0, "log_threshold": 0, "w_dec": 0}
@@ -145,17 +145,7 @@ def compiled_resample(cfg: TrainConfig, mesh=None, data_axis: str = "data",
 
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: TrainConfig, mesh, data_axis, width_axis):
-  from dictlearn.train.init import initial_state
-  from dictlearn.train.step import make_optimizer, shardings
-
-  fn = make_resample(cfg)
-  if mesh is None:
-    return jax.jit(fn, donate_argnums=0)
-  template = jax.eval_shape(lambda: initial_state(cfg, make_optimizer(cfg)))
-  state_sh, batch_sh = shardings(template, mesh, data_axis, width_axis)
-  rep = NamedSharding(mesh, P())
-  return jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh, rep, rep),
-                 out_shardings=state_sh, donate_argnums=0)
+  return jit_state_fn(make_resample(cfg), cfg, mesh, data_axis, width_axis, n_replicated=2)
 
 
 def key_at(cfg: TrainConfig, done: int):

@@ -107,12 +107,20 @@ def compiled_step(cfg: TrainConfig, mesh=None, data_axis: str = "data",
 
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: TrainConfig, mesh, data_axis, width_axis):
-  step = make_step(cfg)
+  return jit_state_fn(make_step(cfg), cfg, mesh, data_axis, width_axis, n_replicated=1)
+
+
+def jit_state_fn(fn, cfg: TrainConfig, mesh, data_axis: str, width_axis: str | None,
+                 n_replicated: int):
+  """``fn(state, x, y, *replicated) -> state`` jitted with the state donated; over ``mesh``
+  the state is placed as :func:`shardings` says, x and y split along ``data_axis`` and the
+  ``n_replicated`` trailing arguments replicated."""
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0)
   template = jax.eval_shape(lambda: initial_state(cfg, make_optimizer(cfg)))
   state_sh, batch_sh = shardings(template, mesh, data_axis, width_axis)
-  return jax.jit(step, in_shardings=(state_sh, batch_sh, batch_sh, NamedSharding(mesh, P())),
+  rep = (NamedSharding(mesh, P()),) * n_replicated
+  return jax.jit(fn, in_shardings=(state_sh, batch_sh, batch_sh, *rep),
                  out_shardings=state_sh, donate_argnums=0)
 
 
