@@ -21,6 +21,7 @@ from dictlearn import activation_data, analysis, catalog, crosslayer, interventi
 from dictlearn.io import load, save
 from dictlearn.sparse import SparseCodes, decode_sparse, encode_decode, encode_sparse
 from dictlearn import attribution, graphs, sharding
+from dictlearn import dashboards
 
 __version__ = "0.1.0"
 
