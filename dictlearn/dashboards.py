@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dictlearn import graphs, report, sites
-from dictlearn.dictionary import encode
+from dictlearn.dictionary import DictMeta, encode
 
 HIST_EDGES = np.logspace(-3, 5, 81).astype(np.float32)
 TOP_NAME = "Top activations"
@@ -317,7 +317,10 @@ class DashboardCollector:
     self.window = (int(window[0]), int(window[1]))
     self.sample_size = int(sample_size or 4 * n_quantiles * examples_per_quantile)
     self.seed, self.compute_dtype = int(seed), compute_dtype
-    self._sub = None if dictionary is None else select_latents(dictionary, self.latents)
+    self._sub = None
+    if dictionary is not None:  # metadata is static under jit: same-shape dictionaries
+      sub = select_latents(dictionary, self.latents)  # share one compilation without it
+      self._sub = sub.replace(meta=DictMeta(kind=sub.kind))
     self.info = {"name": "", "kind": None, "layer": None, "site_in": None, "site_out": None}
     if dictionary is not None:
       self.info["kind"] = getattr(dictionary, "kind", None)

@@ -24,3 +24,4 @@ from dictlearn_penzai.harvesting import harvest
 
 # Corpus-level evals (SAEBench core metrics) of many dictionaries in one pass.
 from dictlearn_penzai.evaluate import evaluate
+from dictlearn_penzai import dashboards  # feature dashboards: collect, write
