@@ -36,9 +36,13 @@ Shard format (version 1), one folder per site::
      "excludes_bos": true, "extra": {...}}
 
 Only shards listed in ``meta.json`` exist for a reader: the writer rewrites it (atomically)
-after each finished shard, so a crashed harvest leaves a readable prefix. A transcoder
-pairs two folders written in lock step (e.g. ``mlp_in_5`` and ``mlp_out_5``): same row
-count, row ``i`` of one is the input whose output is row ``i`` of the other.
+after each finished shard, so a crashed harvest leaves a readable prefix. A harvest over
+several processes writes one part per process (``part00001_shard_00000.npy``, ...,
+``meta.part00001.json``); once all are done one process lists them, in process order, in
+``meta.json`` (:func:`merge_parts`): the same rows, in the same order, as one process
+would have written. A transcoder pairs two folders written in lock step (e.g.
+``mlp_in_5`` and ``mlp_out_5``): same row count, row ``i`` of one is the input whose
+output is row ``i`` of the other.
 """
 
 from __future__ import annotations
@@ -360,11 +364,17 @@ def _as_f32_rows(a, name) -> np.ndarray:
 
 
 def random_access_batches(src: ArraySource, batch_size: int, seed: int,
-                          start_step: int = 0) -> Iterator[tuple[np.ndarray, Any]]:
-  """(x, y) for steps start_step, start_step + 1, ... (endless): see :func:`batch_indices`."""
+                          start_step: int = 0, rows: np.ndarray | None = None
+                          ) -> Iterator[tuple[np.ndarray, Any]]:
+  """(x, y) for steps start_step, start_step + 1, ... (endless): see :func:`batch_indices`.
+
+  ``rows`` (k,): only those positions of each batch are read (a process's share of a
+  global batch), giving (k, d) arrays.
+  """
   step = start_step
   while True:
-    yield src.gather(batch_indices(seed, step, batch_size, src.n_rows))
+    idx = batch_indices(seed, step, batch_size, src.n_rows)
+    yield src.gather(idx if rows is None else idx[rows])
     step += 1
 
 
@@ -514,12 +524,19 @@ class ShardWriter:
   def __init__(self, folder, *, d: int, site: str | None = None, layer: int | None = None,
                dtype: str = "float32", shard_rows: int = 65536,
                model_name: str | None = None, hook_point: str | None = None,
-               excludes_bos: bool | None = None, extra: dict | None = None):
+               excludes_bos: bool | None = None, extra: dict | None = None,
+               part: int | None = None):
     if dtype not in ("float32", "bfloat16"):
       raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
     self.folder = os.fspath(folder)
-    if os.path.exists(os.path.join(self.folder, "meta.json")):
-      raise FileExistsError(f"{self.folder} already holds a shard folder; pick a new one")
+    # A part (one process's share of a many-process harvest) writes its own shard names
+    # and meta file; merge_parts lists every part's shards in meta.json afterwards.
+    self.part = None if part is None else int(part)
+    self._prefix = "" if part is None else f"part{self.part:05d}_"
+    self._meta_name = "meta.json" if part is None else _part_meta_name(self.part)
+    for name in {"meta.json", self._meta_name}:
+      if os.path.exists(os.path.join(self.folder, name)):
+        raise FileExistsError(f"{self.folder} already holds a shard folder; pick a new one")
     os.makedirs(self.folder, exist_ok=True)
     self.d, self.dtype, self.shard_rows = int(d), dtype, int(shard_rows)
     self.meta = {"format": FORMAT, "version": VERSION, "site": site, "layer": layer,
@@ -549,7 +566,7 @@ class ShardWriter:
       self._pending, self._pending_rows = [rest], rest.shape[0]
 
   def _flush(self, rows: np.ndarray):
-    name = f"shard_{len(self.meta['shards']):05d}.npy"
+    name = f"{self._prefix}shard_{len(self.meta['shards']):05d}.npy"
     data = f32_to_bf16_bits(rows) if self.dtype == "bfloat16" else rows
     tmp = os.path.join(self.folder, name + ".tmp")
     with open(tmp, "wb") as f:
@@ -560,10 +577,7 @@ class ShardWriter:
     self._write_meta()
 
   def _write_meta(self):
-    tmp = os.path.join(self.folder, "meta.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(self.meta, f, indent=1)
-    os.replace(tmp, os.path.join(self.folder, "meta.json"))
+    _write_json(self.folder, self._meta_name, self.meta)
 
   def close(self) -> None:
     if self._pending_rows:
@@ -577,6 +591,49 @@ class ShardWriter:
     self.close()
 
 
+def _part_meta_name(part: int) -> str:
+  return f"meta.part{int(part):05d}.json"
+
+
+def _write_json(folder, name, doc):
+  tmp = os.path.join(folder, name + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(doc, f, indent=1)
+  os.replace(tmp, os.path.join(folder, name))
+
+
+def merge_parts(folder, parts) -> dict:
+  """Writes ``folder/meta.json`` listing the shards of ``parts`` (part indices, in row
+  order) written by ``ShardWriter(..., part=i)``, and removes the parts' meta files.
+
+  The folder then reads as one shard folder whose rows are part ``parts[0]``'s, then
+  ``parts[1]``'s, and so on. Returns the merged meta.
+  """
+  folder = os.fspath(folder)
+  metas = []
+  for i in parts:
+    path = os.path.join(folder, _part_meta_name(i))
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} is missing: part {i} of the harvest did not finish "
+                              "(every process must write to the same folder)")
+    with open(path) as f:
+      metas.append(json.load(f))
+  if not metas:
+    raise ValueError(f"{folder}: no parts to merge")
+  merged = dict(metas[0], shards=[], rows=0)
+  for i, m in zip(parts, metas):
+    for key in ("d", "dtype", "site", "layer"):
+      if m[key] != merged[key]:
+        raise ValueError(f"{folder}: part {i} has {key}={m[key]!r} but part {parts[0]} "
+                         f"has {merged[key]!r}")
+    merged["shards"] += m["shards"]
+    merged["rows"] += m["rows"]
+  _write_json(folder, "meta.json", merged)
+  for i in parts:
+    os.remove(os.path.join(folder, _part_meta_name(i)))
+  return merged
+
+
 def open_shards(root, site: str, layer: int) -> ShardFolder:
   """The shard folder ``<root>/<site>_<layer>``."""
   return ShardFolder(os.path.join(os.fspath(root), ShardWriter.folder_name(site, layer)))
@@ -584,6 +641,7 @@ def open_shards(root, site: str, layer: int) -> ShardFolder:
 
 __all__ = [
     "ArraySource", "StreamSource", "ShardFolder", "ShardWriter", "as_source", "batch_indices",
+    "merge_parts",
     "permute_indices", "prefetch", "random_access_batches", "open_shards",
     "bf16_bits_to_f32", "f32_to_bf16_bits",
 ]

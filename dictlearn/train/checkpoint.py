@@ -14,6 +14,12 @@ The dictionary alone cannot restart training exactly (its weights have the norma
 folded in, which does not round-trip bit for bit, and it lacks the log-thresholds and
 Adam's moments), hence the separate train state. No pickle: leaves are named by their
 pytree path and restored into a template of the same structure.
+
+With several processes (``jax.distributed``) the checkpoint folder must be on a filesystem
+they all see: every process gathers the state (a collective), process 0 alone writes,
+and all wait for one another before and after, so none reads a half-written folder or
+runs ahead of one that is still writing. A checkpoint holds whole arrays, so it resumes
+with any process count.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from dictlearn import distributed
 
 STATE_FILE = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -57,12 +65,22 @@ def _leaf_names(tree) -> list[str]:
 
 def save_checkpoint(checkpoint_dir, step: int, *, dictionary, state, info: dict,
                     keep: int = 2) -> Path:
-  """Writes checkpoint ``step`` and deletes all but the newest ``keep`` checkpoints."""
+  """Writes checkpoint ``step`` and deletes all but the newest ``keep`` checkpoints (on
+  process 0; every process of a many-process run calls it)."""
+  final = step_dir(checkpoint_dir, step)
+  state = distributed.gather_tree(state)  # Collective: every process takes part.
+  distributed.barrier(f"dictlearn checkpoint {step}: start")
+  if distributed.is_primary():
+    _write(final, checkpoint_dir, dictionary, state, info, step, keep)
+  distributed.barrier(f"dictlearn checkpoint {step}: written")
+  return final
+
+
+def _write(final: Path, checkpoint_dir, dictionary, state, info: dict, step: int, keep: int):
   from safetensors.numpy import save_file
 
   from dictlearn import io
 
-  final = step_dir(checkpoint_dir, step)
   tmp = final.with_name(final.name + f".tmp{os.getpid()}")
   if tmp.exists():
     shutil.rmtree(tmp)
@@ -81,7 +99,6 @@ def save_checkpoint(checkpoint_dir, step: int, *, dictionary, state, info: dict,
                  if _STEP_DIR.match(p.name) and p != final)
     for p in old[:max(0, len(old) - (keep - 1))]:
       shutil.rmtree(p, ignore_errors=True)
-  return final
 
 
 def read_info(folder) -> dict:

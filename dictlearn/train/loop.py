@@ -42,6 +42,14 @@ State is a plain dict pytree ``{"params", "opt", "step", "since_fired", "fired_r
 "acc"}``; data order
 is a pure function of (seed, step) (random-access data) or a replayable stream, so a run
 resumed from a checkpoint matches an uninterrupted one.
+
+Many processes (``dictlearn.distributed.initialize`` first, then the same ``fit`` call in
+every process): the mesh spans every process's devices (by default a data mesh over all of
+them), each process reads only the rows of each global batch that its devices hold
+(random-access data; a stream is read whole by every process, which keeps its rows), the
+init sample is the same seeded sample everywhere, and process 0 writes the checkpoints.
+Since the data order depends on (seed, step) only, the result equals a one-process run on
+a mesh of the same shape, and a checkpoint resumes with any process count.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dictlearn import distributed as dist
 from dictlearn.activation_data import ArraySource, as_source, prefetch, random_access_batches
 from dictlearn.dictionary import DictMeta
 from dictlearn.sharding import auto_axes
@@ -86,7 +95,8 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
     mesh: a device mesh (``jax.make_mesh`` or ``Mesh``) for data-parallel training: the
       batch is split along ``data_axis``; the dictionary is replicated, or split along
       its width over ``width_axis`` when given. batch_size must divide by the data axis
-      size.
+      size. With several processes it spans all of their devices (default: a data mesh
+      over every device).
     checkpoint_dir: write checkpoints there every ``checkpoint_every`` steps and at the end
       (keeping ``keep_checkpoints``), and resume from the newest one found.
     meta: the DictMeta to give the dictionary (site, layer, model name...); taken from a
@@ -105,6 +115,8 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
     raise ValueError("targets are for transcoders; an SAE reconstructs its input")
   src = as_source(data, targets)
   cfg = cfg.resolve(src)
+  if mesh is None and jax.process_count() > 1:
+    mesh = dist.data_mesh(data_axis)  # Every process's devices take part.
   if mesh is not None:
     mesh = auto_axes(mesh)  # A jax.make_mesh mesh (Explicit axes) works as well.
   if mesh is not None and cfg.batch_size % mesh.shape[data_axis]:
@@ -140,21 +152,24 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
   # Committed placement (a device, not None) so the first call and every later one, which
   # gets committed arrays back, share one compilation.
   state_sh, batch_sh = shardings(state, mesh, data_axis, width_axis)
-  state = jax.device_put(state, batch_sh if state_sh is None else state_sh)
+  state = dist.put(state, batch_sh if state_sh is None else state_sh)
   step_fn = compiled_step(cfg, mesh, data_axis, width_axis)
   resample_fn = None
 
   def finish():
-    d = objective.to_dictionary(state["params"], s_in=scales[0], s_out=scales[1],
-                                kind=cfg.kind,
+    d = objective.to_dictionary(dist.gather_tree(state["params"]), s_in=scales[0],
+                                s_out=scales[1], kind=cfg.kind,
                                 meta=hist.final_meta(meta, cfg, history, scales))
     return d, hist.as_arrays(history)
 
   if start >= cfg.steps:
     return finish()
 
+  # With several processes each reads the rows of every batch that its devices hold.
+  rows = (dist.local_rows(batch_sh, (cfg.batch_size, cfg.d_in))
+          if jax.process_count() > 1 else None)
   if isinstance(src, ArraySource):
-    batches = random_access_batches(src, cfg.batch_size, cfg.seed, start)
+    batches = random_access_batches(src, cfg.batch_size, cfg.seed, start, rows=rows)
   else:
     if start and not src.replayable:
       warnings.warn("resuming from a one-shot iterator: it cannot be replayed, so the data "
@@ -162,11 +177,13 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
                     "a fresh iterator for an exact resume", stacklevel=2)
     batches = src.batches(cfg.batch_size, cfg.seed, start if src.replayable else 0,
                           cfg.shuffle_buffer)
+    if rows is not None:
+      batches = ((x[rows], None if y is None else y[rows]) for x, y in batches)
   batches = prefetch(batches, depth=2)
 
-  scales_dev = jax.device_put(np.asarray(scales, np.float32),
-                              batch_sh if mesh is None else NamedSharding(mesh, P()))
-  bar = _progress(progress, cfg.steps, start)
+  scales_dev = dist.put(np.asarray(scales, np.float32),
+                        batch_sh if mesh is None else NamedSharding(mesh, P()))
+  bar = _progress(progress and dist.is_primary(), cfg.steps, start)
   saved = start
 
   def save(done):
@@ -186,18 +203,24 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
                       stacklevel=2)
         break
       x, y = item
-      x = jax.device_put(x, batch_sh)
-      y = x if y is None else jax.device_put(y, batch_sh)
+      if rows is None:
+        x = jax.device_put(x, batch_sh)
+        y = x if y is None else jax.device_put(y, batch_sh)
+      else:
+        x = dist.global_batch(x, rows, batch_sh, cfg.batch_size)
+        y = x if y is None else dist.global_batch(y, rows, batch_sh, cfg.batch_size)
       state = step_fn(state, x, y, scales_dev)
       done = t + 1
       if rs.due(cfg, done):
         if resample_fn is None:
           resample_fn = rs.compiled_resample(cfg, mesh, data_axis, width_axis)
-        key = jax.device_put(rs.key_at(cfg, done),
-                             batch_sh if mesh is None else NamedSharding(mesh, P()))
+        key = dist.put(rs.key_at(cfg, done),
+                       batch_sh if mesh is None else NamedSharding(mesh, P()))
         state = resample_fn(state, x, y, scales_dev, key)
       if done % cfg.log_every == 0 or done == cfg.steps:
-        row = hist.log_row(state, done, cfg, opt)
+        # What the row reads, gathered where other processes hold part of it.
+        row = hist.log_row(dist.gather_tree({k: state[k] for k in ("acc", "since_fired")}),
+                           done, cfg, opt)
         if not np.isfinite(row["loss"]):
           raise FloatingPointError(
               f"training diverged: the loss is {row['loss']} at step {done}; lower "
