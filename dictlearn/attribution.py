@@ -217,17 +217,20 @@ def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
 # ------------------------------------------------------------------ the linear model
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "n_active", "n_targets", "n_pos_run",
-                                             "n_blocks"))
-def _rows(params, consts, target_ids, *, forward, n_active, n_targets, n_pos_run, n_blocks):
-  """Adjacency rows (B, n_active + L * n_pos + n_pos) of the targets ``target_ids`` (B,):
-  target i < n_active is feature i's pre-activation, n_active + j is logit j.
+@functools.partial(jax.jit, static_argnames=("forward", "n_pos_run", "n_blocks"))
+def _rows(params, consts, target_ids, *, forward, n_pos_run, n_blocks):
+  """Rows (B, n_slots + L * n_pos + n_pos) of the targets ``target_ids`` (B,), in slots:
+  target slot ``i < n_slots`` is a feature's pre-activation (``consts["enc"]`` lists each
+  layer's, padding included), ``n_slots + j`` is logit j; source columns are feature slots
+  (``consts["dec"]``'s ``src``), then errors (layer, position), then tokens.
 
   Only the first ``n_pos_run`` positions and ``n_blocks`` blocks are run: enough for
   targets at earlier positions and layers (the model is causal; a layer-L target reads
   mlp_in of block L), whose sources outside that region have no effect on them.
   """
   n_layers, n_pos = consts["mlp_out"].shape[0], consts["mlp_out"].shape[1]
+  n_slots = sum(len(e["pos"]) for e in consts["enc"])
+  n_targets = n_slots + len(consts["logit_vecs"])
   full = n_blocks == n_layers
   x0 = consts["x0"][:n_pos_run]
   mlp_out = consts["mlp_out"][:n_blocks, :n_pos_run]
@@ -251,20 +254,31 @@ def _rows(params, consts, target_ids, *, forward, n_active, n_targets, n_pos_run
     x = x0 * (1.0 + t)[:, None]
     if full:
       final = forward(params, x, mlp)
-      out.append(matmul(final[-1], consts["logit_vecs"].T))
+      out.append(matmul(final[consts["last"]], consts["logit_vecs"].T))
     else:
       forward(params, x, mlp, n_blocks=n_blocks)
       out += [jnp.zeros(len(consts["enc"][layer]["pos"])) for layer in range(n_blocks, n_layers)]
       out.append(jnp.zeros(len(consts["logit_vecs"])))
     return jnp.concatenate(out)
 
-  zeros = (jnp.zeros((n_active,)), jnp.zeros((n_blocks, n_pos_run)), jnp.zeros((n_pos_run,)))
+  zeros = (jnp.zeros((n_slots,)), jnp.zeros((n_blocks, n_pos_run)), jnp.zeros((n_pos_run,)))
   _, vjp = jax.vjp(targets, *zeros)
   gc, ge, gt = jax.vmap(vjp)(jax.nn.one_hot(target_ids, n_targets, dtype=jnp.float32))
   b = len(target_ids)
   ge = jnp.zeros((b, n_layers, n_pos)).at[:, :n_blocks, :n_pos_run].set(ge)
   gt = jnp.zeros((b, n_pos)).at[:, :n_pos_run].set(gt)
   return jnp.concatenate([gc, ge.reshape(b, -1), gt], axis=1)
+
+
+def bucket(n: int, least: int = 8) -> int:
+  """``n`` rounded up to 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (four sizes an octave):
+  the padded sizes that let prompts of similar length share compiled functions, for at
+  most a quarter more work."""
+  n = int(n)
+  if n <= least:
+    return least
+  step = 1 << max(0, n.bit_length() - 3)
+  return -(-n // step) * step
 
 
 def row_buckets(n_pos: int, n_layers: int, long_from: int = 256):
@@ -277,45 +291,88 @@ def row_buckets(n_pos: int, n_layers: int, long_from: int = 256):
   return prefixes, depths
 
 
-def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs) -> dict:
-  """Per-layer index and vector arrays the linear model reads (all static shapes)."""
+def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs, *, n_real: int,
+               pad: bool) -> tuple[dict, np.ndarray]:
+  """The arrays the linear model reads, and each feature's slot (n_active,).
+
+  With ``pad``, every layer's feature list is padded to one bucketed length (``dec``: the
+  same for per-layer transcoders; a CLT's writes, which grow with the layer, per layer)
+  and the logit vectors to a bucketed count: pads are zero vectors, so they add nothing.
+  """
   layer_of, pos_of, lat_of, val_of = feats
-  n_layers = rep.n_layers
+  n_layers, d = rep.n_layers, x0.shape[-1]
+  counts = np.bincount(layer_of, minlength=n_layers)
+  size = (lambda n: bucket(n)) if pad else (lambda n: int(n))
+  enc_len = [size(counts.max(initial=0))] * n_layers if pad else counts.tolist()
+  starts = np.concatenate([[0], np.cumsum(enc_len)[:-1]]).astype(np.int64)
+  first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  slot = starts[layer_of] + np.arange(len(layer_of)) - first[layer_of]
+
+  def padded(values, n):  # Host arrays: eager JAX ops on them would compile per length.
+    out = np.zeros((n, *np.shape(values)[1:]), np.asarray(values).dtype)
+    out[:len(values)] = values
+    return out
+
   enc, dec, skip = [], [], []
+  writes = [np.flatnonzero(rep.writes_to(layer_of, layer)) for layer in range(n_layers)]
+  dec_len = [len(w) for w in writes]
+  if pad:
+    dec_len = ([size(max(dec_len, default=0))] * n_layers if rep.clt is None
+               else [size(n) for n in dec_len])
   for layer in range(n_layers):
     sel = np.flatnonzero(layer_of == layer)
+    n = enc_len[layer]
     e = rep.encoder(layer)
-    if e is None or not len(sel):
-      d = x0.shape[-1]
-      enc.append(dict(pos=jnp.zeros((0,), jnp.int32), vec=jnp.zeros((0, d)), bias=jnp.zeros((0,))))
+    keep = padded(np.ones(len(sel), np.float32), n)
+    if e is None:
+      vec, bias = jnp.zeros((n, d)), jnp.zeros((n,))
     else:
-      w_enc, b_enc, _ = e
-      lat = jnp.asarray(lat_of[sel])
-      enc.append(dict(pos=jnp.asarray(pos_of[sel], jnp.int32),
-                      vec=jnp.asarray(w_enc, jnp.float32)[:, lat].T,
-                      bias=jnp.asarray(b_enc, jnp.float32)[lat]))
-    src = np.flatnonzero(rep.writes_to(layer_of, layer))
-    if len(src):
-      vec = _decoder_rows(rep, layer_of[src], lat_of[src], layer) * jnp.asarray(val_of[src])[:, None]
-    else:
-      vec = jnp.zeros((0, x0.shape[-1]))
-    dec.append(dict(pos=jnp.asarray(pos_of[src], jnp.int32), src=jnp.asarray(src, jnp.int32),
-                    vec=vec))
+      vec, bias = _encoder_rows(e[0], e[1], padded(lat_of[sel], n), keep)
+    enc.append(dict(pos=padded(pos_of[sel].astype(np.int32), n), vec=vec, bias=bias))
+    src, n = writes[layer], dec_len[layer]
+    vec = _decoder_rows(rep, padded(layer_of[src], n), padded(lat_of[src], n), layer,
+                        padded(val_of[src].astype(np.float32), n), d)
+    dec.append(dict(pos=padded(pos_of[src].astype(np.int32), n),
+                    src=padded(slot[src].astype(np.int32), n), vec=vec))
     w_skip = rep.skip(layer)
     skip.append(None if w_skip is None else jnp.asarray(w_skip, jnp.float32))
   err = clean.mlp_out - rep.reconstruct(clean.mlp_in, acts)
-  err = err.at[:, 0].set(0.0)  # BOS carries no error node.
-  return dict(x0=x0, mlp_out=clean.mlp_out, err=err, enc=enc, dec=dec, skip=skip,
-              logit_vecs=logit_vecs)
+  real = (np.arange(x0.shape[0]) > 0) & (np.arange(x0.shape[0]) < n_real)
+  err = err * real[:, None]  # No error nodes at BOS or padding.
+  n_logit_slots = size(len(logit_vecs)) if pad else len(logit_vecs)
+  consts = dict(x0=x0, mlp_out=clean.mlp_out, err=err, enc=enc, dec=dec, skip=skip,
+                logit_vecs=padded(np.asarray(logit_vecs), n_logit_slots),
+                last=np.int32(n_real - 1))
+  return consts, slot
 
 
-def _decoder_rows(rep: _Replacement, layers, latents, target_layer) -> Array:
-  """(n, d) float32 decoder vectors of the given latents into ``target_layer``."""
+@jax.jit
+def _encoder_rows(w_enc, b_enc, latents, keep):
+  """(n, d) encoder vectors and (n,) biases of ``latents`` (n,), zero where not ``keep``."""
+  vec = jnp.take(w_enc.astype(jnp.float32), latents, axis=1).T
+  return vec * keep[:, None], b_enc.astype(jnp.float32)[latents] * keep
+
+
+def _decoder_rows(rep: _Replacement, layers, latents, target_layer: int, scale, d: int
+                  ) -> Array:
+  """(n, d) float32 decoder vectors of latents (n,) of ``layers`` (n,) into
+  ``target_layer``, times ``scale`` (n,)."""
   if rep.clt is not None:
-    rows = rep.clt.w_dec[jnp.asarray(layers), jnp.asarray(latents), target_layer]
-  else:
-    rows = rep.layers[target_layer].w_dec[jnp.asarray(latents)]
-  return rows.astype(jnp.float32)
+    return _clt_rows(rep.clt.w_dec, layers, latents, scale, target_layer=target_layer)
+  t = rep.layers[target_layer]
+  if t is None:
+    return jnp.zeros((len(latents), d), jnp.float32)
+  return _plt_rows(t.w_dec, latents, scale)
+
+
+@jax.jit
+def _plt_rows(w_dec, latents, scale):
+  return w_dec[latents].astype(jnp.float32) * scale[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("target_layer",))
+def _clt_rows(w_dec, layers, latents, scale, *, target_layer):
+  return w_dec[layers, latents, target_layer].astype(jnp.float32) * scale[:, None]
 
 
 # ------------------------------------------------------------------ graphs
@@ -378,7 +435,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
               max_n_logits: int = 10, desired_logit_prob: float = 0.95,
               max_feature_nodes: int | None = None, batch_size: int = 64,
               update_interval: int = 4, mesh=None, axis: str | None = None,
-              split_rows_from: int = 256, progress: bool = True,
+              split_rows_from: int = 256, pad_shapes: bool = True, progress: bool = True,
               metadata: dict | None = None, input_string: str = "") -> Graph:
   """The attribution graph of one prompt (see the module docstring for its definitions).
 
@@ -398,6 +455,10 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     split_rows_from: from this many tokens on, a row runs only the prefix and the blocks
       its target needs (4 prefix lengths x 3 depths, each compiled once): about half the
       work of full-length rows, for the price of more compilations.
+    pad_shapes: run the prompt padded to a ``bucket`` length and each layer's feature list
+      to a bucketed size (pads change no edge), so that prompts of similar size reuse the
+      compiled row functions (and, with JAX's persistent compilation cache, later
+      processes do too); False compiles for the exact sizes.
     progress: a tqdm bar over the rows.
 
   Returns:
@@ -409,15 +470,31 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   if tokens.shape[0] != n_pos:
     raise ValueError(f"tokens has {tokens.shape[0]} positions but x0 has {n_pos}")
   rep = replacement(transcoders, model.n_layers, d)
+  # The model is causal: positions appended after the prompt change nothing before them.
+  n_run = bucket(n_pos) if pad_shapes else n_pos
+  padded_x0 = np.zeros((n_run, d), np.float32)  # (host arrays: eager ops compile per shape)
+  padded_x0[:n_pos] = np.asarray(x0)
+  x0 = jnp.asarray(padded_x0)
   clean = clean_run(model, x0)
   _, acts = activations(rep, clean.mlp_in)
+  in_prompt = jnp.asarray(np.arange(n_run) < n_pos)[:, None]
+  acts = [None if a is None else a * in_prompt for a in acts]
   feats = _active(acts)
   n_active = len(feats[0])
   logit_ids, logit_p, logit_vecs = salient_logits(
-      matmul(clean.final[-1], jnp.asarray(model.unembedding).T), model.unembedding, max_n_logits=max_n_logits,
-      desired_logit_prob=desired_logit_prob)
+      matmul(np.asarray(clean.final)[n_pos - 1], jnp.asarray(model.unembedding).T),
+      model.unembedding, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob)
   n_logits = len(logit_ids)
-  consts = _constants(rep, x0, clean, acts, feats, logit_vecs)
+  consts, slot = _constants(rep, x0, clean, acts, feats, logit_vecs, n_real=n_pos,
+                            pad=pad_shapes)
+  n_slots = sum(len(e["pos"]) for e in consts["enc"])
+  target_slot = np.concatenate([slot, n_slots + np.arange(n_logits)]).astype(np.int32)
+  # Columns of a computed row that are real sources: feature slots, then the errors and
+  # tokens of the prompt's positions.
+  real = np.arange(n_pos)
+  source_cols = np.concatenate([
+      slot, n_slots + (np.arange(model.n_layers)[:, None] * n_run + real).ravel(),
+      n_slots + model.n_layers * n_run + real])
   n_sources = n_active + model.n_layers * n_pos + n_pos
   n_nodes = n_sources + n_logits
 
@@ -435,7 +512,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     placed = NamedSharding(mesh, P(axis))
   batch = max(n_dev, -(-batch_size // n_dev) * n_dev)
 
-  prefixes, depths = row_buckets(n_pos, model.n_layers, split_rows_from)
+  prefixes, depths = row_buckets(n_run, model.n_layers, split_rows_from)
   # What each target needs run: its position's prefix and the blocks up to its layer.
   need_pos = np.concatenate([feats[1] + 1, np.full(n_logits, n_pos)])
   need_blocks = np.concatenate([feats[0] + 1, np.full(n_logits, model.n_layers)])
@@ -448,12 +525,12 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
       where = np.flatnonzero((p == n_pos_run) & (k == n_blocks))
       for i in range(0, len(where), batch):
         at = where[i:i + batch]
-        ids = target_ids[at]
+        ids = target_slot[target_ids[at]]
         padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
         ids_dev = jax.device_put(padded, placed) if placed is not None else padded
-        rows = _rows(params, consts, ids_dev, forward=model.forward, n_active=n_active,
-                     n_targets=n_active + n_logits, n_pos_run=n_pos_run, n_blocks=n_blocks)
-        out[at] = np.asarray(rows)[:len(ids)]
+        rows = _rows(params, consts, ids_dev, forward=model.forward, n_pos_run=n_pos_run,
+                     n_blocks=n_blocks)
+        out[at] = np.asarray(rows)[:len(ids)][:, source_cols]
         bar.update(len(ids))
 
   capped = max_feature_nodes is not None and max_feature_nodes < n_active

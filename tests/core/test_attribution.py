@@ -207,6 +207,44 @@ def test_rows_run_on_prefixes_and_partial_depths_equal_full_rows():
   np.testing.assert_allclose(split.adjacency, whole.adjacency, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["skip", "noskip", "clt"])
+def test_padded_shapes_change_no_edge(kind):
+  # 7 tokens run as 8, feature lists and logits padded: the pads must add nothing.
+  model, x0 = toy_model()
+  tc = a_clt() if kind == "clt" else transcoders(skip=kind == "skip")
+  exact, padded = (attribution.attribute(model, x0, TOKENS, tc, max_n_logits=3,
+                                         pad_shapes=pad, progress=False)
+                   for pad in (False, True))
+  np.testing.assert_array_equal(padded.active_features, exact.active_features)
+  np.testing.assert_array_equal(padded.logit_tokens, exact.logit_tokens)
+  assert padded.adjacency.shape == exact.adjacency.shape
+  np.testing.assert_allclose(padded.adjacency, exact.adjacency, atol=1e-6, rtol=1e-5)
+
+
+def test_prompts_of_similar_size_share_the_compiled_rows():
+  model, _ = toy_model()
+  table = model.unembedding
+  tc = transcoders()
+  rng = np.random.default_rng(11)
+
+  def sizes(g):  # What the compiled rows' shapes depend on.
+    counts = np.bincount(g.active_features[:, 0], minlength=LAYERS)
+    return attribution.bucket(len(g.input_tokens)), attribution.bucket(counts.max())
+
+  seen, shared = {}, 0
+  for _ in range(5):
+    tokens = rng.integers(0, VOCAB, int(rng.integers(13, 15)))  # 13, 14: one bucket
+    before = attribution._rows._cache_size()
+    g = attribution.attribute(model, table[tokens] * np.sqrt(D), tokens, tc, max_n_logits=1,
+                              progress=False)
+    compiled = attribution._rows._cache_size() - before
+    if sizes(g) in seen:
+      assert compiled == 0, f"a prompt of sizes {sizes(g)} compiled again"
+      shared += 1
+    seen[sizes(g)] = True
+  assert shared >= 3
+
+
 def test_sharded_rows_equal_one_device():
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
