@@ -10,6 +10,10 @@ and ``<out>/summary.html`` plots L0 against FVU and against the CE loss score, o
 per dictionary (self-contained: plotly inline, no network). The default corpus is the
 licence texts Debian ships in /usr/share/common-licenses (English prose), else Python's
 pydoc topics.
+
+Many processes: the same command in each, with ``--coordinator HOST:PORT --num-processes N
+--process-id I`` or, on a TPU pod slice or under SLURM, none of them (JAX detects the
+cluster); each evaluates its share of the batches, and process 0 writes ``--out``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import re
 import sys
 from pathlib import Path
 
+from dictlearn import distributed as dist
 from dictlearn import report
 
 
@@ -39,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--dense-threshold", type=float, default=0.1)
   ap.add_argument("--out", default="results", help="output folder")
   ap.add_argument("--no-progress", action="store_true")
+  dist.add_cli_flags(ap)
   return ap
 
 
@@ -132,6 +138,7 @@ def _fail(msg: str) -> int:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  dist.init_from_args(args)  # Before anything else touches JAX.
   import dictlearn as dl
   from dictlearn_gemma import corpus as C
   from dictlearn_penzai import hooks
@@ -170,6 +177,8 @@ def main(argv=None) -> int:
   results = evaluate(model, tok, corpus, named, tokens=args.tokens, seq_len=args.seq_len,
                      batch_size=args.batch_size, progress=not args.no_progress,
                      dense_threshold=args.dense_threshold)
+  if not dist.is_primary():
+    return 0  # Every process has the results; process 0 writes them.
   paths = write_results(results, args.out, corpus=corpus_name, model=model_path,
                         tokens=args.tokens, seq_len=args.seq_len, info=info)
   for name, m in results.items():

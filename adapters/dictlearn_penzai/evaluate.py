@@ -8,6 +8,11 @@ dictionary's output comes from the fused ``dictlearn.encode_decode`` on the clea
 the site it reads is unchanged), and a ``Replace`` hook sets the write site to it at every
 position but BOS and padding. The arrays go to ``dictlearn.evals.CorpusEval``, whose
 docstring defines every metric.
+
+With several processes (``dictlearn.distributed.initialize`` first; every process calls
+``evaluate`` with the same arguments) batch ``b`` of the corpus runs on process
+``b % process_count``, and the sums are reduced over the processes at the end, so every
+process returns the one-process result (up to float64 summation order).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 import dictlearn
+from dictlearn import distributed as dist
 from dictlearn import evals
 from dictlearn_gemma import corpus as C
 from dictlearn_penzai import hooks
@@ -117,10 +123,15 @@ def evaluate(model, tokenizer, corpus, dictionaries, *, tokens: int | None = 20_
   ev = evals.CorpusEval({n: d.width for n, d in named.items()}, write_sites,
                         dense_threshold=dense_threshold)
   rows = C.sequences(tokenizer, C.documents(corpus), seq_len, tokens=tokens, pad_id=pad_id)
-  bar = tqdm(total=tokens, unit="tok", desc="eval", disable=not progress)
+  bar = tqdm(total=tokens, unit="tok", desc="eval",
+             disable=not progress or not dist.is_primary())
   seen = 0
+  processes, me = jax.process_count(), jax.process_index()
   try:
-    for batch, _ in C.batches(rows, batch_size, seq_len, pad_id=pad_id):
+    for b, (batch, _) in enumerate(C.batches(rows, batch_size, seq_len, pad_id=pad_id)):
+      if b % processes != me:  # Another process's batch.
+        bar.update(int((batch != pad_id).sum()))
+        continue
       tok = hooks.as_tokens(jnp.asarray(batch))
       pos = hooks.positions_from_padding(tok, pad_id)
       plain_pos = pos.unwrap("batch", "seq")
@@ -152,6 +163,9 @@ def evaluate(model, tokenizer, corpus, dictionaries, *, tokens: int | None = 20_
       bar.update(n_tok)
   finally:
     bar.close()
+  if processes > 1:
+    dist.reduce_corpus_eval(ev)
+    seen = dist.allreduce_sum(seen)
   if seen == 0:
     raise ValueError("the corpus gave no tokens to evaluate")
   return ev.results()

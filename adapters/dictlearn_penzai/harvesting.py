@@ -7,10 +7,18 @@ the deepest block that holds a requested site, so harvesting layer 6 of a 26-lay
 costs 7 blocks and no unembedding. Activations go to shard folders
 (``dictlearn.activation_data``) that ``dictlearn.train.fit`` streams, so a corpus larger than
 memory works; without ``out`` they are returned as arrays.
+
+With several processes (``dictlearn.distributed.initialize`` first; every process calls
+``harvest`` with the same arguments) each runs the model on one contiguous block of the
+rows, cut at batch boundaries, and writes its own part of each shard folder (``out`` on a
+filesystem they all share); process 0 then lists the parts in process order, so the
+folder holds the rows one process would have written, in the same order, and training
+on it gives the one-process result.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -21,6 +29,7 @@ from penzai import pz
 from tqdm.auto import tqdm
 
 from dictlearn import activation_data
+from dictlearn import distributed as dist
 from dictlearn_penzai import hooks
 from dictlearn_penzai.hookpoint import HookPoint
 from dictlearn_penzai.sites import Site, as_site, check_site
@@ -82,7 +91,8 @@ def harvest(model, tokenizer, texts: Iterable[str], sites, *, seq_len: int = 128
     seq_len: tokens per row, BOS included.
     batch_size: rows per model call (one compiled shape; the last batch is padded).
     skip_bos: leave position 0 (BOS) out of the data.
-    out: a folder; each site goes to ``out/<kind>_<layer>/`` as shards. None: return arrays.
+    out: a folder; each site goes to ``out/<kind>_<layer>/`` as shards. None: return arrays
+      (with several processes: this process's rows only).
     max_tokens: stop after about this many harvested tokens (per site).
     dtype: shard dtype, "float32" or "bfloat16" (halves the disk).
     model_name: recorded in the shards' meta.json.
@@ -97,10 +107,19 @@ def harvest(model, tokenizer, texts: Iterable[str], sites, *, seq_len: int = 128
   per_row = seq_len - 1 if skip_bos else seq_len
   max_rows = None if max_tokens is None else max(1, -(-max_tokens // per_row))
   rows = token_rows(tokenizer, texts, seq_len, max_rows=max_rows)
+  processes = jax.process_count()
+  if processes > 1:
+    # Every process tokenizes the corpus (cheap next to the model) up to its block.
+    if max_rows is None:
+      rows = list(rows)  # The blocks need the total.
+    start, stop = dist.process_block(len(rows) if max_rows is None else max_rows,
+                                     align=batch_size)
+    rows = itertools.islice(rows, start, stop)
+    max_rows = stop - start  # This process's share, for the bar.
 
   writers, arrays = {}, {s: [] for s in site_list}
   bar = tqdm(total=None if max_rows is None else max_rows * per_row, unit="tok",
-             desc="harvest", disable=not progress)
+             desc="harvest", disable=not progress or not dist.is_primary())
   positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch_size, seq_len))
   positions = pz.nx.wrap(positions).tag("batch", "seq")
   try:
@@ -124,13 +143,16 @@ def harvest(model, tokenizer, texts: Iterable[str], sites, *, seq_len: int = 128
               os.path.join(os.fspath(out), activation_data.ShardWriter.folder_name(s.kind, s.layer)),
               d=acts.shape[-1], site=s.kind, layer=s.layer, dtype=dtype,
               model_name=model_name, hook_point=s.hook_point,
-              excludes_bos=skip_bos, extra={"seq_len": seq_len})
+              excludes_bos=skip_bos, extra={"seq_len": seq_len},
+              part=dist.process_index() if processes > 1 else None)
         writers[s].append(acts)
       bar.update(n * per_row)
   finally:
     bar.close()
     for w in writers.values():
       w.close()
+  if processes > 1:
+    return _merge(site_list, writers, arrays, out, seq_len)
   if out is not None:
     if not writers:
       raise ValueError(f"the corpus has fewer than {seq_len - 1} tokens: nothing harvested")
@@ -138,6 +160,31 @@ def harvest(model, tokenizer, texts: Iterable[str], sites, *, seq_len: int = 128
   if not any(arrays.values()):
     raise ValueError(f"the corpus has fewer than {seq_len - 1} tokens: nothing harvested")
   return {s: np.concatenate(a) for s, a in arrays.items()}
+
+
+def _merge(site_list, writers, arrays, out, seq_len):
+  """The many-process ending: rows and width per site from every process, process 0
+  merges the parts that hold rows, and everyone waits for the merged folders."""
+  def local(s):
+    if s in writers:
+      return writers[s].meta["rows"], writers[s].d
+    return sum(a.shape[0] for a in arrays[s]), arrays[s][0].shape[-1] if arrays[s] else 0
+  counts = dist.allgather(np.asarray([local(s) for s in site_list], np.int64))  # (P, sites, 2)
+  if not counts[:, :, 0].any():
+    raise ValueError(f"the corpus has fewer than {seq_len - 1} tokens: nothing harvested")
+  if out is None:
+    return {s: (np.concatenate(arrays[s]) if arrays[s]
+                else np.zeros((0, int(counts[:, j, 1].max())), np.float32))
+            for j, s in enumerate(site_list)}
+  folders = {s: os.path.join(os.fspath(out),
+                             activation_data.ShardWriter.folder_name(s.kind, s.layer))
+             for s in site_list}
+  if dist.is_primary():
+    for j, s in enumerate(site_list):
+      activation_data.merge_parts(folders[s], [p for p in range(counts.shape[0])
+                                               if counts[p, j, 0] > 0])
+  dist.barrier("dictlearn harvest: parts merged")
+  return folders
 
 
 def pydoc_corpus() -> list[str]:

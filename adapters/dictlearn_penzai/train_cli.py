@@ -8,6 +8,12 @@ Example (the demo SAE the tour ships)::
 An SAE reads and reconstructs ``--site``; ``--kind transcoder`` reads ``mlp_in`` and predicts
 ``mlp_out`` of ``--layer`` (``--affine`` adds the skip connection). The result is a Gemma Scope
 2 folder that ``dictlearn.load`` and every hook in ``dictlearn_penzai`` read.
+
+Many processes (one per host or GPU): the same command in each, with ``--coordinator
+HOST:PORT --num-processes N --process-id I`` or, on a TPU pod slice or under SLURM, none
+of them (JAX detects the cluster); ``--activations`` must then name a folder every
+process sees. Each process harvests its block of the corpus and reads its rows of every
+batch; process 0 writes ``--out``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 
 import dictlearn as dl
 import dictlearn.train
+from dictlearn import distributed as dist
 from dictlearn_penzai import sites as S
 from dictlearn_penzai.harvesting import harvest, pydoc_corpus
 
@@ -73,11 +80,16 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                   help="dtype of the saved weights")
   ap.add_argument("--out", required=True, help="output folder (Gemma Scope 2 layout)")
+  dist.add_cli_flags(ap)
   return ap
 
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  processes = dist.init_from_args(args)  # Before anything else touches JAX.
+  if processes > 1 and not args.activations:
+    raise SystemExit("with several processes pass --activations FOLDER on a filesystem "
+                     "every process sees (each writes its part of the harvest there)")
   from dictlearn_penzai.loading import load_gemma3
 
   model, tokenizer = load_gemma3(args.model or default_model())
@@ -100,6 +112,8 @@ def main(argv=None) -> int:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
         targets=folders[dst] if args.kind == "transcoder" else None, affine=args.affine,
         meta=meta)
+  if not dist.is_primary():
+    return 0  # Process 0 writes the result.
   # Record the L0 reached, not the one asked for: it is what users compare against.
   d = d.replace(meta=d.meta.replace(l0=round(float(history["l0"][-1]), 2)))
   if args.dtype == "bfloat16":
