@@ -7,6 +7,10 @@ the extras it needs (``tour = "pkg.tour:main [demo]"``); they are what the insta
 suggests when loading it fails. The core names no adapter: a new one registers its commands
 in its own distribution.
 
+Run as the console command (``argv`` not given), it turns on JAX's persistent compilation
+cache in the dictlearn cache folder (``dictlearn.cache.enable_compilation_cache``), so a
+command run again loads what it compiled before.
+
 Exit codes: 0 for ``--help``, 2 for usage errors (no or an unknown command), 1 when a
 command cannot be loaded, else the command's own.
 """
@@ -91,6 +95,7 @@ def usage(cmds: Mapping[str, importlib.metadata.EntryPoint], out=None) -> None:
 def main(argv: list[str] | None = None, *,
          entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> int:
   """Runs ``dictlearn COMMAND ...``; ``entry_points`` replaces the installed commands."""
+  from_console = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   cmds = commands(entry_points)
   if argv and argv[0] in ("-h", "--help"):
@@ -105,6 +110,9 @@ def main(argv: list[str] | None = None, *,
     usage(cmds, sys.stderr)
     return 2
   ep = cmds[argv[0]]
+  if from_console:
+    from dictlearn import cache
+    cache.enable_compilation_cache()
   try:
     command = ep.load()
   except ImportError as e:

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from dictlearn import cache
+
 _SOURCE = pathlib.Path(__file__).with_name("cpu_kernels.cc")
 # FFI target name -> exported handler symbol.
 _TARGETS = {"dictlearn_select_active": "DictlearnSelectActive",
@@ -54,26 +56,12 @@ _TARGETS = {"dictlearn_select_active": "DictlearnSelectActive",
 MATMUL_BF16_ROWS = 32
 
 
-def _cache_dir() -> pathlib.Path:
-  """$DICTLEARN_CACHE, else ~/.cache/dictlearn, else (not writable) a per-user temp folder."""
-  root = pathlib.Path(os.environ.get("DICTLEARN_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dictlearn"))
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-    if os.access(root, os.W_OK):
-      return root
-  except OSError:
-    pass
-  user = os.getuid() if hasattr(os, "getuid") else "user"
-  return pathlib.Path(tempfile.gettempdir()) / f"dictlearn-{user}"
-
-
 def _build(defines: tuple[str, ...] = ()) -> pathlib.Path:
   """Compiles cpu_kernels.cc (once; keyed by source, jaxlib, machine and defines): the .so."""
   src = _SOURCE.read_bytes()
   key = hashlib.sha256(src + jaxlib.__version__.encode() + platform.machine().encode() +
                        " ".join(defines).encode())
-  lib = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+  lib = cache.root() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
   if lib.exists():
     return lib
   cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import dictlearn as dl
+from dictlearn import cache
 from dictlearn_penzai import sites as S
 from dictlearn_penzai.harvesting import harvest
 
@@ -40,9 +41,7 @@ class Recipe:
 
 
 def cache_root() -> Path:
-  base = os.environ.get("DICTLEARN_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dictlearn")
-  return Path(base) / "transcoders"
+  return cache.root() / "transcoders"
 
 
 def default_transcoders(model, tokenizer, texts, *, model_name: str = "gemma-3-270m",

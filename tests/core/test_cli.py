@@ -64,3 +64,38 @@ def test_console_script_help_exits_0():
                        text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert "tour" in run.stdout and "train" in run.stdout
+
+
+def _cache_dir_after(code, env):
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COMPILATION_CACHE_DIR", "DICTLEARN_COMPILATION_CACHE")} | env
+  out = subprocess.run([sys.executable, "-c", code + "\nimport jax\n"
+                        "print('DIR=' + str(jax.config.jax_compilation_cache_dir))"],
+                       env=env, capture_output=True, text=True, check=True).stdout
+  return out.rsplit("DIR=", 1)[1].strip()
+
+
+def test_the_compilation_cache_goes_in_the_cache_folder_unless_told_otherwise(tmp_path):
+  enable = "from dictlearn import cache\ncache.enable_compilation_cache()\n"
+  assert _cache_dir_after(enable, {"DICTLEARN_CACHE": str(tmp_path)}) == str(tmp_path / "jax")
+  # Off when asked, and a folder the user chose is kept.
+  assert _cache_dir_after(enable, {"DICTLEARN_CACHE": str(tmp_path),
+                                   "DICTLEARN_COMPILATION_CACHE": "0"}) == "None"
+  assert _cache_dir_after(enable, {"DICTLEARN_CACHE": str(tmp_path),
+                                   "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "mine")}
+                          ) == str(tmp_path / "mine")
+
+
+def test_a_console_command_runs_with_the_compilation_cache_on_and_a_call_without(tmp_path):
+  # main() as the console script calls it (argv from sys.argv) turns the cache on; a call
+  # from Python with argv leaves JAX's settings alone.
+  code = ("import sys\nfrom importlib.metadata import EntryPoint\nfrom dictlearn import cli\n"
+          "sys.argv = ['dictlearn', 'fake']\n"
+          "ep = EntryPoint('fake', 'json:dumps', cli.GROUP)\n"
+          "try:\n  cli.main(entry_points=[ep])\nexcept TypeError:\n  pass\n")
+  assert _cache_dir_after(code, {"DICTLEARN_CACHE": str(tmp_path)}) == str(tmp_path / "jax")
+  in_python = code.replace("cli.main(entry_points=[ep])", "cli.main(['fake'], entry_points=[ep])")
+  assert _cache_dir_after(in_python, {"DICTLEARN_CACHE": str(tmp_path)}) == "None"
