@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The two Quickstart commands, each doing its own set-up on a fresh clone:
 #   ./run.sh tour [tour options]   the Gemma Scope 2 tour on a real Gemma 3 270M, on this CPU
-#   ./run.sh test [pytest options] the whole test suite, then tests/core again in ./.venv-core,
-#                                  an environment without penzai, treescope, flax or equinox
-#                                  (with pytest options: only those, in ./.venv)
+#   ./run.sh test [pytest options] the whole test suite: the adapters' tests in ./.venv, then
+#                                  tests/core in ./.venv-core, an environment without penzai,
+#                                  treescope, flax or equinox, so the core is shown not to need
+#                                  them (with pytest options: only those, in ./.venv)
 # Both create ./.venv on first use (set DICTLEARN_VENV to use another folder).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -34,8 +35,8 @@ case "$what" in
     if [ $# -gt 0 ]; then  # Options given: run just those, in the full environment.
       exec "$venv/bin/python" -m pytest "$@"
     fi
-    "$venv/bin/python" -m pytest
-    # The core again, where no neural-network framework is installed: it must not need one.
+    "$venv/bin/python" -m pytest --ignore=tests/core
+    # The core where no neural-network framework is installed: it must not need one.
     core="${venv}-core"
     setup test-core "$core"
     "$core/bin/python" - <<'PY'
@@ -43,9 +44,7 @@ import importlib.util, sys
 found = [m for m in ("penzai", "treescope", "flax", "equinox") if importlib.util.find_spec(m)]
 sys.exit(f"the core test environment has {found} installed" if found else 0)
 PY
-    # The slow tests (long training runs, the real 270M) ran above; their imports are the
-    # same as the quick ones'.
-    exec "$core/bin/python" -m pytest tests/core -m "not slow"
+    exec "$core/bin/python" -m pytest tests/core
     ;;
   *)
     echo "usage: ./run.sh tour [options] | ./run.sh test [pytest options]" >&2
