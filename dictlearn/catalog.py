@@ -1,4 +1,4 @@
-"""What Gemma Scope 2 publishes, and the Gemma 3 sizes it was trained on.
+"""What Gemma Scope 2 (and 1) publish, and the Gemma 3 (and 2) sizes they were trained on.
 
 ``MODELS`` is the repository's one table of Gemma 3 architecture numbers (``ModelFacts``
 per size: layers, widths, heads, window, RoPE, ...); ``dictlearn_gemma.config.PRESETS``
@@ -95,6 +95,54 @@ MODELS: dict[str, ModelFacts] = {
 SIZES = tuple(MODELS)  # Gemma Scope 2 has a release for every size.
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Gemma2Facts:
+  """The architecture of one Gemma 2 text model (the models Gemma Scope 1 was trained on).
+
+  The numbers are those of penzai's Gemma 2 presets
+  (``penzai.models.transformer.variants.gemma``: ``gemma2_2b`` ... ``gemma2_27b``), which
+  follow the Gemma reference implementation. Layers alternate: even layers attend within a
+  sliding window, odd layers globally. No QK-norm; instead attention logits and final logits
+  are soft-capped (``cap * tanh(x / cap)``).
+
+  Attributes:
+    num_layers, d_model, num_heads, num_kv_heads, head_dim, hidden_dim: as ``ModelFacts``.
+    vocab_size: transformers' 256000 (the flax checkpoints carry 256128 rows; the loaders
+      keep whatever the checkpoint has).
+    sliding_window: tokens a local (even) layer sees, itself included.
+    rope_base: RoPE max wavelength (every layer).
+    query_pre_attn_scalar: queries are multiplied by ``query_pre_attn_scalar ** -0.5``
+      (None: head_dim).
+    attn_logit_softcap, final_logit_softcap: the tanh soft-caps (None: no cap).
+    rms_norm_eps: RMSNorm epsilon.
+  """
+
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  hidden_dim: int
+  vocab_size: int = 256_000
+  sliding_window: int = 4096
+  rope_base: float = 10_000.0
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcap: float | None = 50.0
+  final_logit_softcap: float | None = 30.0
+  rms_norm_eps: float = 1e-6
+
+
+# Gemma 2 sizes; queries scaled by head_dim ** -0.5 except 27B (d_model / heads = 144).
+GEMMA2_MODELS: dict[str, Gemma2Facts] = {
+    "2b": Gemma2Facts(num_layers=26, d_model=2304, num_heads=8, num_kv_heads=4, head_dim=256,
+                      hidden_dim=9216),
+    "9b": Gemma2Facts(num_layers=42, d_model=3584, num_heads=16, num_kv_heads=8, head_dim=256,
+                      hidden_dim=14336),
+    "27b": Gemma2Facts(num_layers=46, d_model=4608, num_heads=32, num_kv_heads=16,
+                       head_dim=128, hidden_dim=36864, query_pre_attn_scalar=4608 // 32),
+}
+
+
 def repo_id(size: str, variant: str = "pt") -> str:
   """``("1b", "pt")`` -> ``"google/gemma-scope-2-1b-pt"``."""
   _check(size, SIZES, "size")
@@ -173,6 +221,58 @@ def list_remote(size: str, variant: str = "pt", *, revision: str | None = None) 
   rid = repo_id(size, variant)
   files = HfApi().list_repo_files(rid, revision=revision)
   return sorted({f"{rid}/{f.rsplit('/', 1)[0]}" for f in files if f.endswith("params.safetensors")})
+
+
+# ------------------------------------------------------------------ Gemma Scope 1
+#
+# Gemma Scope 1 (arXiv 2408.05147) holds JumpReLU SAEs for the Gemma 2 sizes of
+# ``GEMMA2_MODELS``, one hub repository per (size, site family):
+# ``google/gemma-scope-<size>-pt-<res|mlp|att>``. Folders are
+# ``layer_<L>/width_<W>/average_l0_<N>/params.npz``, with N the measured average L0 (so a
+# reference needs the exact number: ``gs1_list_remote`` reads them from the hub). Which
+# widths exist differs by repository and layer; the hub is the authority.
+
+GS1_SITES = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_z"}  # as dictlearn.io reads them
+GS1_RELEASES: dict[str, tuple[str, ...]] = {
+    "2b": ("res", "mlp", "att"), "9b": ("res", "mlp", "att"), "27b": ("res",)}
+GS1_WIDTHS = {"16k": 2 ** 14, "32k": 2 ** 15, "65k": 2 ** 16, "131k": 2 ** 17,
+              "262k": 2 ** 18, "524k": 2 ** 19, "1m": 2 ** 20}
+
+
+def gs1_repo_id(size: str, site: str = "res") -> str:
+  """``("2b", "res")`` -> ``"google/gemma-scope-2b-pt-res"``."""
+  _check(size, tuple(GS1_RELEASES), "Gemma 2 size")
+  _check(site, GS1_RELEASES[size], f"Gemma Scope 1 site family for {size}")
+  return f"google/gemma-scope-{size}-pt-{site}"
+
+
+def gs1_releases() -> list[str]:
+  """Every Gemma Scope 1 repository id listed here (``GS1_RELEASES``)."""
+  return [gs1_repo_id(size, site) for size, sites in GS1_RELEASES.items() for site in sites]
+
+
+def gs1_ref(size: str, site: str, layer: int, width: str, average_l0: int) -> str:
+  """A hub reference for ``dictlearn.load``:
+  ``google/gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71``.
+
+  Raises:
+    ValueError: an unknown size, site family or width name, or a layer out of range.
+  """
+  rid = gs1_repo_id(size, site)
+  n = GEMMA2_MODELS[size].num_layers
+  if not 0 <= layer < n:
+    raise ValueError(f"layer {layer} is out of range: Gemma 2 {size} has {n} layers (0-{n - 1})")
+  _check(width, tuple(GS1_WIDTHS), "width")
+  return f"{rid}/layer_{layer}/width_{width}/average_l0_{int(average_l0)}"
+
+
+def gs1_list_remote(size: str, site: str = "res", *, revision: str | None = None) -> list[str]:
+  """The dictionary folders actually in a Gemma Scope 1 repository (needs the network)."""
+  from huggingface_hub import HfApi
+
+  rid = gs1_repo_id(size, site)
+  files = HfApi().list_repo_files(rid, revision=revision)
+  return sorted({f"{rid}/{f.rsplit('/', 1)[0]}" for f in files if f.endswith("params.npz")})
 
 
 def _check(value, allowed, what):

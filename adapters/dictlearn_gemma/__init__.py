@@ -10,7 +10,8 @@ Modules:
   load_orbax        orbax checkpoints written by Google's ``gemma`` package (Kaggle layout)
   tokenizer         ``Tokenizer`` (SentencePiece, from ``tokenizer.model`` or GGUF metadata),
                     ``format_chat``
-  loading           ``load_params(source) -> (params, tokenizer)`` for every format above
+  loading           ``load_params(source) -> (params, tokenizer)`` for every format above;
+                    ``load_checkpoint(source)`` also reads Gemma 2 and says which it is
   corpus            text corpora (folders, files, strings, ``datasets``) cut into token
                     sequences with BOS first, for harvesting and evals
 
@@ -24,4 +25,6 @@ from dictlearn_gemma.params import (
     check_params, expected_shapes, infer_config, init_gemma_params, normalize_gemma_params,
     resolve_config)
 from dictlearn_gemma.tokenizer import Tokenizer, format_chat
-from dictlearn_gemma.loading import load_params
+from dictlearn_gemma.loading import GemmaCheckpoint, load_checkpoint, load_params
+from dictlearn_gemma.config import GEMMA2_PRESETS, Gemma2Config, get_gemma2_preset
+from dictlearn_gemma.params import architecture_of, resolve_gemma2_config

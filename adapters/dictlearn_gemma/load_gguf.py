@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dictlearn_gemma.config import Gemma2Config, gemma2_preset_for
 from dictlearn_gemma.load_safetensors import hf_to_gemma_params
 
 # llama.cpp name -> transformers name (per block, then global).
@@ -169,16 +170,20 @@ def read_gguf(path: str | os.PathLike) -> GGUFFile:
   return GGUFFile(path, metadata, tensors, mm)
 
 
-def gguf_to_gemma_params(gf: GGUFFile) -> dict[str, np.ndarray]:
-  """A Gemma 3 GGUF's tensors -> the canonical flax-named tree (float32).
+def gguf_to_gemma_params(gf: GGUFFile, architectures: tuple[str, ...] = ("gemma3",)
+                         ) -> dict[str, np.ndarray]:
+  """A Gemma 3 (or, if ``architectures`` allows, Gemma 2) GGUF's tensors -> the canonical
+  flax-named tree (float32). llama.cpp names Gemma 2's tensors as Gemma 3's, without the
+  QK-norms, and stores its norms as ``1 + scale`` too.
 
   Raises:
     ValueError: not a Gemma 3 file, missing tensors, or tensor types we cannot dequantize.
   """
   arch = gf.metadata.get("general.architecture")
-  if arch != "gemma3":
-    raise ValueError(f"{gf.path!r} is not a Gemma 3 GGUF: general.architecture is {arch!r} "
-                     "(expected 'gemma3')")
+  if arch not in architectures:
+    family = "Gemma 3" if architectures == ("gemma3",) else "Gemma"
+    raise ValueError(f"{gf.path!r} is not a {family} GGUF: general.architecture is {arch!r} "
+                     f"(expected {' or '.join(map(repr, architectures))})")
   names = {}
   for name in gf.tensors:
     base = name.removesuffix(".weight")
@@ -195,7 +200,42 @@ def gguf_to_gemma_params(gf: GGUFFile) -> dict[str, np.ndarray]:
     raise ValueError(f"{gf.path!r}: cannot dequantize tensor type(s) of " + ", ".join(bad[:8])
                      + ". Supported GGUF types: " + ", ".join(supported_types()))
   tensors = {hf: gf.dequantize(name) for name, hf in names.items()}
-  return hf_to_gemma_params(tensors, norm_offset=1.0, source=gf.path)
+  head_dim = gguf_gemma2_config(gf).head_dim if arch == "gemma2" else None
+  return hf_to_gemma_params(tensors, norm_offset=1.0, source=gf.path, gemma2_head_dim=head_dim)
+
+
+def gguf_gemma2_config(gf: GGUFFile) -> Gemma2Config:
+  """The ``Gemma2Config`` a ``gemma2`` GGUF's metadata describes.
+
+  llama.cpp does not store ``query_pre_attn_scalar`` (it derives 27B's d_model / heads from
+  the size): it is taken from the preset of these sizes, else head_dim.
+
+  Raises:
+    ValueError: a size key missing from the metadata.
+  """
+  md = gf.metadata
+
+  def get(key, default=None):
+    value = md.get(f"gemma2.{key}", default)
+    if value is None:
+      raise ValueError(f"{gf.path!r}: Gemma 2 GGUF metadata lacks gemma2.{key}")
+    return value.item() if hasattr(value, "item") else value
+
+  d, n = int(get("embedding_length")), int(get("attention.head_count"))
+  sizes = dict(num_layers=int(get("block_count")), d_model=d, num_heads=n,
+               num_kv_heads=int(get("attention.head_count_kv", n)),
+               head_dim=int(get("attention.key_length", d // n)),
+               hidden_dim=int(get("feed_forward_length")))
+  preset = gemma2_preset_for(sizes)
+  emb = gf.tensors.get("token_embd.weight")
+  return Gemma2Config(
+      **sizes, name=preset.name if preset else "custom", vocab_size=emb.shape[0] if emb is not None else 256_000,
+      sliding_window=int(get("attention.sliding_window", 4096)),
+      rope_base=float(get("rope.freq_base", 10_000.0)),
+      query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else None,
+      attn_logit_softcap=float(get("attn_logit_softcapping", 50.0)),
+      final_logit_softcap=float(get("final_logit_softcapping", 30.0)),
+      rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)))
 
 
 def load_gguf_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], GGUFFile]:

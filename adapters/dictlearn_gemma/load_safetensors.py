@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dictlearn_gemma.config import Gemma2Config
 from dictlearn_gemma.params import PREFIX, layer_prefix, name_some
 
 _NORMS = {"input_layernorm": "pre_attention_norm",
@@ -33,6 +34,7 @@ _NORMS = {"input_layernorm": "pre_attention_norm",
 _MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _GEMMA3_MODEL_TYPES = ("gemma3_text", "gemma3")
+GEMMA2_MODEL_TYPES = ("gemma2",)
 
 
 def text_model_name(name: str) -> str | None:
@@ -46,36 +48,44 @@ def text_model_name(name: str) -> str | None:
 
 
 def hf_to_gemma_params(tensors: Mapping[str, Any], *, norm_offset: float = 0.0,
-                       source: str = "checkpoint") -> dict[str, np.ndarray]:
-  """transformers-named Gemma 3 tensors -> the canonical flax-named tree.
+                       source: str = "checkpoint", gemma2_head_dim: int | None = None
+                       ) -> dict[str, np.ndarray]:
+  """transformers-named Gemma 3 (or Gemma 2) tensors -> the canonical flax-named tree.
 
   Args:
     tensors: ``model.*`` names (see ``text_model_name``) -> arrays.
     norm_offset: subtracted from every RMSNorm weight (1.0 for GGUF, which stores 1+scale).
     source: named in error messages.
+    gemma2_head_dim: set for a Gemma 2 checkpoint (no QK-norm, so the head size, which
+      Gemma 3 reads off the q_norm weight, must come from the config).
 
   Raises:
-    ValueError: not a Gemma 3 text model, or missing tensors (all named).
+    ValueError: not a Gemma 3 (Gemma 2) text model, or missing tensors (all named).
   """
+  family = "Gemma 3" if gemma2_head_dim is None else "Gemma 2"
   emb = tensors.get("model.embed_tokens.weight")
   if emb is None:
-    raise ValueError(f"{source}: not a Gemma 3 checkpoint (no model.embed_tokens.weight; "
+    raise ValueError(f"{source}: not a {family} checkpoint (no model.embed_tokens.weight; "
                      f"found e.g. {sorted(tensors)[:4]})")
   layers = {int(m.group(1)) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))}
   num_layers = max(layers) + 1 if layers else 0
   if num_layers == 0:
-    raise ValueError(f"{source}: not a Gemma 3 checkpoint (no model.layers.* tensors)")
-  if "model.layers.0.self_attn.q_norm.weight" not in tensors:
-    raise ValueError(f"{source}: not a Gemma 3 checkpoint (layer 0 has no self_attn.q_norm: "
-                     "Gemma 1/2 and other models have no QK-norm)")
+    raise ValueError(f"{source}: not a {family} checkpoint (no model.layers.* tensors)")
+  norms = dict(_NORMS)
+  if gemma2_head_dim is None:
+    if "model.layers.0.self_attn.q_norm.weight" not in tensors:
+      raise ValueError(f"{source}: not a Gemma 3 checkpoint (layer 0 has no self_attn.q_norm: "
+                       "Gemma 1/2 and other models have no QK-norm)")
+  else:
+    norms = {hf: flax for hf, flax in _NORMS.items() if not hf.startswith("self_attn.")}
   wanted = ["model.norm.weight"] + [
       f"model.layers.{i}.{part}.weight" for i in range(num_layers)
-      for part in (*_MATRICES, *_NORMS)]
+      for part in (*_MATRICES, *norms)]
   missing = [k for k in wanted if k not in tensors]
   if missing:
-    raise ValueError(f"{source}: missing {len(missing)} Gemma 3 tensor(s): {name_some(missing)}")
+    raise ValueError(f"{source}: missing {len(missing)} {family} tensor(s): {name_some(missing)}")
 
-  head_dim = tensors["model.layers.0.self_attn.q_norm.weight"].shape[0]
+  head_dim = gemma2_head_dim or tensors["model.layers.0.self_attn.q_norm.weight"].shape[0]
   d_model = emb.shape[1]
 
   def norm(w):
@@ -100,7 +110,7 @@ def hf_to_gemma_params(tensors: Mapping[str, Any], *, norm_offset: float = 0.0,
       out[p + "attn/q_einsum/w"] = q
       out[p + "attn/kv_einsum/w"] = np.stack([k, v])
     out[p + "attn/attn_vec_einsum/w"] = heads(get("self_attn.o_proj"), axis_heads_first=False)
-    for hf, flax in _NORMS.items():
+    for hf, flax in norms.items():
       out[p + f"{flax}/scale"] = norm(get(hf))
     out[p + "mlp/gating_einsum/w"] = np.stack([np.asarray(get("mlp.gate_proj")),
                                                np.asarray(get("mlp.up_proj"))])
@@ -117,22 +127,38 @@ def _safetensors_files(folder: str) -> list[str]:
   return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
-def check_hf_config(folder: str) -> dict | None:
-  """Reads ``config.json`` if present; raises ValueError if it names another model."""
+def read_hf_config(folder: str) -> dict | None:
+  """``config.json`` of a folder as a dict, or None when there is none."""
   path = os.path.join(folder, "config.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    config = json.load(f)
-  model_type = config.get("model_type")
-  if model_type is not None and model_type not in _GEMMA3_MODEL_TYPES:
-    raise ValueError(f"{folder!r} holds a {model_type!r} model (config.json), not Gemma 3 "
-                     f"(model_type {' or '.join(_GEMMA3_MODEL_TYPES)})")
+    return json.load(f)
+
+
+def check_hf_config(folder: str, model_types: tuple[str, ...] = _GEMMA3_MODEL_TYPES
+                    ) -> dict | None:
+  """Reads ``config.json`` if present; raises ValueError if it names another model."""
+  config = read_hf_config(folder)
+  model_type = None if config is None else config.get("model_type")
+  if model_type is not None and model_type not in model_types:
+    family = "Gemma 2" if model_types == GEMMA2_MODEL_TYPES else "Gemma 3"
+    raise ValueError(f"{folder!r} holds a {model_type!r} model (config.json), not {family} "
+                     f"(model_type {' or '.join(model_types)})")
   return config
 
 
 def load_safetensors_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   """Canonical params from a transformers Gemma 3 safetensors folder (or one .safetensors file)."""
+  folder = os.fspath(folder)
+  if os.path.isdir(folder):
+    check_hf_config(folder)
+  tensors, source = read_safetensors_tensors(folder)
+  return hf_to_gemma_params(tensors, source=source)
+
+
+def read_safetensors_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+  """(text-model tensors by ``model.*`` name, source) of a safetensors folder or file."""
   from safetensors import safe_open
 
   folder = os.fspath(folder)
@@ -141,7 +167,6 @@ def load_safetensors_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   else:
     if not os.path.isdir(folder):
       raise FileNotFoundError(f"no safetensors folder at {folder!r}")
-    check_hf_config(folder)
     files, source = _safetensors_files(folder), folder
     if not files:
       raise FileNotFoundError(f"no .safetensors files in {folder!r}")
@@ -154,4 +179,26 @@ def load_safetensors_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
         text_name = text_model_name(name)
         if text_name is not None:
           tensors[text_name] = f.get_tensor(name)
-  return hf_to_gemma_params(tensors, source=source)
+  return tensors, source
+
+
+def load_gemma2_safetensors_params(folder: str | os.PathLike
+                                   ) -> tuple[dict[str, np.ndarray], Gemma2Config]:
+  """(canonical params, config) of a transformers ``Gemma2ForCausalLM`` safetensors folder.
+
+  The folder's ``config.json`` is required: Gemma 2 tensors do not give the head size, the
+  soft-caps or the window. The canonical tree is Gemma 3's without the QK-norm scales.
+
+  Raises:
+    ValueError: no config.json, a config for another model, or missing tensors.
+  """
+  folder = os.fspath(folder)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"no safetensors folder at {folder!r}")
+  hf = check_hf_config(folder, GEMMA2_MODEL_TYPES)
+  if hf is None:
+    raise ValueError(f"{folder!r} has no config.json; a Gemma 2 folder needs it (head_dim, "
+                     "soft-caps and window are not in the tensors)")
+  config = Gemma2Config.from_hf_config(hf, source=os.path.join(folder, "config.json"))
+  tensors, source = read_safetensors_tensors(folder)
+  return hf_to_gemma_params(tensors, source=source, gemma2_head_dim=config.head_dim), config

@@ -18,12 +18,17 @@ the tokenizer returned is None.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
 
+from dictlearn_gemma.config import Gemma2Config, get_gemma2_preset
 from dictlearn_gemma.load_orbax import find_checkpoint, find_tokenizer, load_orbax_params
-from dictlearn_gemma.load_safetensors import load_safetensors_params
+from dictlearn_gemma.load_safetensors import (
+    GEMMA2_MODEL_TYPES, hf_to_gemma_params, load_gemma2_safetensors_params,
+    load_safetensors_params, read_hf_config, read_safetensors_tensors)
+from dictlearn_gemma.params import architecture_of, resolve_gemma2_config
 from dictlearn_gemma.tokenizer import Tokenizer
 
 KAGGLE_PREFIX = "kaggle:"
@@ -102,3 +107,87 @@ def load_params(source: str | os.PathLike) -> tuple[dict[str, Any], Tokenizer | 
   # find_checkpoint raises FileNotFoundError when there is no checkpoint at or below path.
   params = load_orbax_params(path)
   return params, _tokenizer_or_warn(find_tokenizer(find_checkpoint(path)), path)
+
+
+@dataclasses.dataclass
+class GemmaCheckpoint:
+  """What ``load_checkpoint`` read: which Gemma, its canonical tree, tokenizer and config.
+
+  Attributes:
+    architecture: "gemma3" or "gemma2".
+    params: the canonical flat tree (``dictlearn_gemma.params``; Gemma 2's lacks the
+      QK-norm scales).
+    tokenizer: a ``Tokenizer``, or None (with a warning) when none is found.
+    config: the ``Gemma2Config`` for Gemma 2 (from config.json, GGUF metadata, or the
+      preset the shapes match); None for Gemma 3, whose size the shapes give.
+  """
+
+  architecture: str
+  params: dict[str, Any]
+  tokenizer: Tokenizer | None
+  config: Gemma2Config | None = None
+
+
+def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None = None
+                    ) -> GemmaCheckpoint:
+  """Reads a Gemma 3 or Gemma 2 checkpoint of any supported format, telling them apart.
+
+  Gemma 2 is recognised by config.json (``model_type`` "gemma2"), by GGUF
+  ``general.architecture`` "gemma2", or, for flax/orbax trees and bare safetensors, by its
+  tensors (post-attention norms and no QK-norm).
+
+  Args:
+    source: as ``load_params``.
+    config: Gemma 2 only: a ``Gemma2Config`` or preset name ("2b", "9b", "27b") for sources
+      that do not carry one (a flax tree of a custom size, a lone .safetensors file);
+      checked against the shapes. None: from the files, else the preset of these shapes.
+
+  Raises:
+    FileNotFoundError, ValueError: as ``load_params``; also a Gemma 1 checkpoint, or a
+      Gemma 2 one whose config cannot be found.
+  """
+  if isinstance(source, str) and source.startswith(KAGGLE_PREFIX):
+    source = _kaggle_download(source[len(KAGGLE_PREFIX):])
+  path = os.fspath(source)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no Gemma checkpoint at {path!r} (expected a .gguf file, a "
+                            "safetensors folder, an orbax checkpoint folder, or kaggle:<handle>)")
+  if _is_gguf(path):
+    from dictlearn_gemma.load_gguf import gguf_gemma2_config, gguf_to_gemma_params, read_gguf
+
+    gf = read_gguf(path)
+    params = gguf_to_gemma_params(gf, architectures=("gemma3", "gemma2"))
+    tokenizer = Tokenizer.from_gguf(gf) if "tokenizer.ggml.tokens" in gf.metadata else None
+    if gf.metadata.get("general.architecture") == "gemma2":
+      found = gguf_gemma2_config(gf) if config is None else config
+      return GemmaCheckpoint("gemma2", params, tokenizer, resolve_gemma2_config(params, found))
+    return GemmaCheckpoint("gemma3", params, tokenizer)
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  if os.path.isfile(path) or any(n.endswith(".safetensors") for n in os.listdir(path)):
+    if os.path.isfile(path) and not path.endswith(".safetensors"):
+      raise ValueError(f"{path!r} is neither a GGUF nor a .safetensors file; "
+                       "not a Gemma checkpoint")
+    tok = os.path.join(folder, "tokenizer.model")
+    tokenizer = _tokenizer_or_warn(tok if os.path.isfile(tok) else None, path)
+    hf = read_hf_config(path) if os.path.isdir(path) else None
+    model_type = (hf or {}).get("model_type")
+    if model_type in GEMMA2_MODEL_TYPES:
+      params, found = load_gemma2_safetensors_params(path)
+      return GemmaCheckpoint("gemma2", params, tokenizer,
+                             resolve_gemma2_config(params, config or found))
+    if model_type is not None:  # config.json names Gemma 3 (or another model: an error).
+      return GemmaCheckpoint("gemma3", load_safetensors_params(path), tokenizer)
+    tensors, where = read_safetensors_tensors(path)
+    if "model.layers.0.self_attn.q_norm.weight" in tensors or config is None:
+      return GemmaCheckpoint("gemma3", hf_to_gemma_params(tensors, source=where), tokenizer)
+    # No config.json and no QK-norm: Gemma 2 described by the caller's config.
+    cfg = get_gemma2_preset(config)
+    params = hf_to_gemma_params(tensors, source=where, gemma2_head_dim=cfg.head_dim)
+    return GemmaCheckpoint("gemma2", params, tokenizer, resolve_gemma2_config(params, cfg))
+  params = load_orbax_params(path)
+  tokenizer = _tokenizer_or_warn(find_tokenizer(find_checkpoint(path)), path)
+  arch = architecture_of(params)
+  if arch == "gemma2":
+    return GemmaCheckpoint("gemma2", params, tokenizer, resolve_gemma2_config(params, config))
+  return GemmaCheckpoint("gemma3", params, tokenizer)
+

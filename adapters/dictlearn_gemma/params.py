@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from dictlearn_gemma.config import PRESETS, Gemma3Config, get_preset
+from dictlearn_gemma.config import (
+    GEMMA2_PRESETS, PRESETS, Gemma2Config, Gemma3Config, gemma2_preset_for, get_gemma2_preset,
+    get_preset)
 
 PREFIX = "transformer/"
 _NORMS = ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm")
@@ -44,7 +46,7 @@ def layer_prefix(i: int) -> str:
   return f"{PREFIX}layer_{i}/"
 
 
-def expected_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: Gemma3Config | Gemma2Config) -> dict[str, tuple[int, ...]]:
   """Every tensor a checkpoint of ``config`` must hold, with its shape (vocab left as -1)."""
   n, k, h, d, f = (config.num_heads, config.num_kv_heads, config.head_dim, config.d_model,
                    config.hidden_dim)
@@ -57,8 +59,9 @@ def expected_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
       shapes[p + "attn/q_einsum/w"] = (n, d, h)
       shapes[p + "attn/kv_einsum/w"] = (2, k, d, h)
     shapes[p + "attn/attn_vec_einsum/w"] = (n, h, d)
-    shapes[p + "attn/_query_norm/scale"] = (h,)
-    shapes[p + "attn/_key_norm/scale"] = (h,)
+    if not isinstance(config, Gemma2Config):  # Gemma 2 has no QK-norm.
+      shapes[p + "attn/_query_norm/scale"] = (h,)
+      shapes[p + "attn/_key_norm/scale"] = (h,)
     for norm in _NORMS:
       shapes[p + f"{norm}/scale"] = (d,)
     shapes[p + "mlp/gating_einsum/w"] = (2, f, d)
@@ -178,12 +181,13 @@ def name_some(names: list[str], limit: int = 12) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def check_params(params: Mapping[str, Any], config: Gemma3Config) -> None:
+def check_params(params: Mapping[str, Any], config: Gemma3Config | Gemma2Config) -> None:
   """Raises ValueError naming every missing tensor and every wrong shape."""
   want = expected_shapes(config)
+  family = "Gemma 2" if isinstance(config, Gemma2Config) else "Gemma 3"
   missing = [k for k in want if k not in params]
   if missing:
-    raise ValueError(f"the Gemma 3 {config.name} checkpoint is missing {len(missing)} "
+    raise ValueError(f"the {family} {config.name} checkpoint is missing {len(missing)} "
                      f"tensor(s): {name_some(missing)}")
   bad = []
   for key, shape in want.items():
@@ -193,7 +197,69 @@ def check_params(params: Mapping[str, Any], config: Gemma3Config) -> None:
     if len(got) != len(shape) or any(s not in (-1, g) for s, g in zip(shape, got)):
       bad.append(f"{key}: {got}, expected {shape}")
   if bad:
-    raise ValueError(f"wrong tensor shapes for Gemma 3 {config.name}: " + "; ".join(bad[:12]))
+    raise ValueError(f"wrong tensor shapes for {family} {config.name}: " + "; ".join(bad[:12]))
+
+
+# ------------------------------------------------------------------ Gemma 2
+
+
+def architecture_of(params: Mapping[str, Any]) -> str:
+  """"gemma3" (QK-norm), "gemma2" (post-attention norm, no QK-norm) or "gemma1" (neither),
+  read off a canonical tree's layer 0."""
+  p = layer_prefix(0)
+  if p + "attn/_query_norm/scale" in params:
+    return "gemma3"
+  if p + "post_attention_norm/scale" in params:
+    return "gemma2"
+  return "gemma1"
+
+
+def _sizes(params: Mapping[str, Any]) -> dict[str, int]:
+  p = layer_prefix(0)
+  for key in (p + "attn/attn_vec_einsum/w", p + "mlp/linear/w"):
+    if key not in params:
+      raise ValueError(f"not a Gemma checkpoint: missing {key!r} (have e.g. {sorted(params)[:5]})")
+  n, h, d = params[p + "attn/attn_vec_einsum/w"].shape
+  k = n if p + "attn/qkv_einsum/w" in params else params[p + "attn/kv_einsum/w"].shape[1]
+  return dict(num_layers=num_layers_in(params), d_model=d, num_heads=n, num_kv_heads=k,
+              head_dim=h, hidden_dim=params[p + "mlp/linear/w"].shape[0])
+
+
+def resolve_gemma2_config(params: Mapping[str, Any], config: str | Gemma2Config | None = None
+                          ) -> Gemma2Config:
+  """The Gemma 2 config of a canonical tree, checked against its shapes.
+
+  ``config`` None (or "auto"): the preset whose sizes the shapes give (the flax tree carries
+  no soft-caps or window, so a custom size needs its config, e.g. from config.json); a
+  preset name ("2b", "9b", "27b"); or a ``Gemma2Config``. The vocabulary comes from the
+  embedding table.
+
+  Raises:
+    ValueError: not a Gemma 2 tree, no preset of these sizes, or a config that disagrees
+      with the shapes.
+  """
+  arch = architecture_of(params)
+  if arch != "gemma2":
+    raise ValueError(f"not a Gemma 2 checkpoint: layer 0 looks like {arch} "
+                     "(Gemma 2 has post-attention norms and no QK-norm)")
+  sizes = _sizes(params)
+  if config is None or (isinstance(config, str) and config.lower() == "auto"):
+    config = gemma2_preset_for(sizes)
+    if config is None:
+      known = ", ".join(f"{n} ({c.num_layers} layers, d_model {c.d_model})"
+                        for n, c in GEMMA2_PRESETS.items())
+      raise ValueError(f"these Gemma 2 shapes match no preset: {sizes}; the presets are "
+                       f"{known}. Pass config=Gemma2Config(...) for a custom size.")
+  config = get_gemma2_preset(config)
+  if config.shape_signature() != sizes:
+    diff = ", ".join(f"{k}={v} (checkpoint has {sizes[k]})"
+                     for k, v in config.shape_signature().items() if sizes[k] != v)
+    raise ValueError(f"Gemma 2 config {config.name!r} does not match the checkpoint: {diff}")
+  emb = params.get(f"{PREFIX}embedder/input_embedding")
+  if emb is not None:
+    config = config.replace(vocab_size=emb.shape[0])
+  check_params(params, config)
+  return config
 
 
 def init_gemma_params(config: Gemma3Config, seed: int = 0, dtype=np.float32

@@ -57,11 +57,13 @@ class Gemma3Metadata(model_parts.TransformerMetadata):
 
 
 def model_config(model: Any) -> Gemma3Config:
-  """The ``Gemma3Config`` of a model built here (plain or KV-cached)."""
+  """The ``Gemma3Config`` of a model built here (plain or KV-cached); for a Gemma 2 from
+  ``from_gemma2_params``, its ``Gemma2Config``."""
   metadata = getattr(model, "metadata", None)
   config = getattr(metadata, "config", None)
   if config is None:
-    raise ValueError("this model was not built by dictlearn_penzai.from_gemma_params")
+    raise ValueError("this model was not built by dictlearn_penzai.from_gemma_params "
+                     "(or from_gemma2_params)")
   return config
 
 

@@ -110,11 +110,18 @@ def filter_logits(logits: jax.Array, *, temperature: Any = 1.0, top_k: Any = Non
 
 
 def _split_unembedding(model):
-  """(model without its final ``EmbeddingDecode``, that layer); (model, identity) if none."""
+  """(model without its final ``EmbeddingDecode``, that layer); (model, identity) if none.
+
+  A logit soft-cap after the unembedding (Gemma 2) goes with it, so the prefill still
+  unembeds only the last positions.
+  """
   body = model.body
-  if isinstance(body, pz.nn.Sequential) and isinstance(body.sublayers[-1], pz.nn.EmbeddingDecode):
-    trunk = dataclasses.replace(model, body=pz.nn.Sequential(body.sublayers[:-1]))
-    return trunk, body.sublayers[-1]
+  if isinstance(body, pz.nn.Sequential):
+    subs = list(body.sublayers)
+    n = 2 if len(subs) > 1 and isinstance(subs[-1], pz.nn.TanhSoftCap) else 1
+    if isinstance(subs[-n], pz.nn.EmbeddingDecode):
+      trunk = dataclasses.replace(model, body=pz.nn.Sequential(subs[:-n]))
+      return trunk, subs[-1] if n == 1 else pz.nn.Sequential(subs[-n:])
   return model, pz.nn.Identity()
 
 

@@ -1,0 +1,209 @@
+"""Gemma 2 (penzai's own model, with HookPoints) against transformers, and Gemma Scope 1 on it.
+
+The tiny random Gemma 2 of ``gemma2_tiny`` is rebuilt from its seed; the reference outputs
+come from transformers' ``Gemma2ForCausalLM`` (``scripts/make_gemma2_fixtures.py``,
+``fixtures/gemma2_tiny.npz``).
+"""
+
+import os
+import warnings
+
+import gemma2_tiny
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gemma_layouts import flat_layout
+from penzai import pz
+
+import dictlearn as dl
+import dictlearn_penzai as dp
+from dictlearn_gemma.config import Gemma2Config, get_preset
+from dictlearn_gemma.loading import load_checkpoint
+from dictlearn_penzai.gemma2_model import from_gemma2_params
+from dictlearn_penzai.hooks import attach
+
+pytestmark = pytest.mark.filterwarnings("ignore:no tokenizer.model found")
+
+REF = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "gemma2_tiny.npz"))
+PROMPT = REF["prompt"][None]  # (1, 20)
+SITES = ("resid_post", "attn_z", "attn_out", "mlp_in", "mlp_out")
+CONFIG = Gemma2Config.from_hf_config(gemma2_tiny.CONFIG)
+
+
+def _load(source, **kw):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # The tiny folders have no tokenizer.model.
+    return dp.load_gemma(source, **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return gemma2_tiny.write_folder(tmp_path_factory.mktemp("gemma2") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+  return _load(folder)
+
+
+@pytest.fixture(scope="module")
+def logits(model):
+  return np.asarray(dp.forward_logits(model, PROMPT))[0]
+
+
+@pytest.fixture(scope="module")
+def clean(model):
+  """The activations at every site of every layer, from one run."""
+  sites = [f"{kind}.{i}" for kind in dl.sites.KINDS for i in range(4)]
+  return dp.run_with_cache(model, PROMPT, sites)[1]
+
+
+@pz.pytree_dataclass
+class SetTo(pz.nn.Layer):
+  """Replaces its input by a fixed value (for checking a splice by hand)."""
+
+  value: pz.nx.NamedArray
+
+  def __call__(self, x, **_unused_side_inputs):
+    return self.value
+
+
+def rel_err(got, want):
+  return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+
+
+# ------------------------------------------------------------------ parity
+
+
+def test_logits_match_transformers(logits):
+  assert np.abs(logits - REF["logits"]).max() < 1e-4
+
+
+def test_sites_match_transformers(clean):
+  cache = clean
+  for kind in SITES:
+    for i in range(4):
+      assert rel_err(cache.array(f"{kind}.{i}")[0], REF[kind][i]) < 1e-4, f"{kind}.{i}"
+  # output_hidden_states[i] is block i's input (the embeddings scaled by sqrt(d) for i=0).
+  for i in range(4):
+    assert rel_err(cache.array(f"resid_pre.{i}")[0], REF["hidden_states"][i]) < 1e-4
+
+
+def test_every_site_has_a_hookpoint(model):
+  assert dp.sites.model_sites(model) == {k: [0, 1, 2, 3] for k in dl.sites.KINDS}
+  assert dp.model_config(model) == CONFIG
+  # attn_z carries the grouped-query head axes, flattened to 4 heads x 16 in o_proj order.
+  assert dp.hooks.site_width(model, dl.sites.attn_z(1)) == 64
+
+
+def test_kv_cached_greedy_matches_transformers(model):
+  new = dp.generate_tokens(model, PROMPT[0], max_new_tokens=len(REF["greedy"]), stop_ids=())
+  np.testing.assert_array_equal(new, REF["greedy"])
+
+
+def test_soft_caps_bound_the_logits(tmp_path):
+  """Weights scaled by 4: the final cap (8) binds, and transformers agrees on the result."""
+  scaled = _load(gemma2_tiny.write_folder(tmp_path / "scaled", scale=float(REF["scale"])))
+  capped = np.asarray(dp.forward_logits(scaled, PROMPT))[0]
+  assert np.abs(capped).max() <= CONFIG.final_logit_softcap
+  assert np.abs(capped - REF["scaled_logits"]).max() < 1e-4
+  assert isinstance(scaled.body.sublayers[-1], pz.nn.TanhSoftCap)
+  uncapped = np.asarray(dp.forward_logits(
+      pz.select(scaled).at(lambda m: m.body.sublayers[-1]).remove_from_parent(), PROMPT))[0]
+  assert np.abs(uncapped).max() > 2 * CONFIG.final_logit_softcap
+  # The attention soft-cap sits before the mask in every block.
+  caps = pz.select(scaled).at_instances_of(pz.nn.Attention).at_instances_of(
+      pz.nn.TanhSoftCap).get_sequence()
+  assert [float(c.soft_cap) for c in caps] == [CONFIG.attn_logit_softcap] * 4
+
+
+# ------------------------------------------------------------------ formats
+
+
+def test_flax_tree_and_gguf_give_the_same_model(folder, logits, tmp_path):
+  ckpt = load_checkpoint(folder)
+  assert (ckpt.architecture, ckpt.config) == ("gemma2", CONFIG)
+  assert not any("_query_norm" in k for k in ckpt.params)
+  # The flax (Kaggle FLAT) layout of the same tree; a custom size needs its config.
+  flax_model = from_gemma2_params(flat_layout(ckpt.params), CONFIG)
+  np.testing.assert_allclose(dp.forward_logits(flax_model, PROMPT)[0], logits, atol=1e-5)
+  # GGUF: llama.cpp's names, norms stored as 1 + scale; it does not record
+  # query_pre_attn_scalar, so this custom size passes its config.
+  path = gemma2_tiny.write_gguf(tmp_path / "tiny.gguf")
+  assert load_checkpoint(path).config.replace(query_pre_attn_scalar=24, rms_norm_eps=1e-6) == CONFIG
+  gguf_model = _load(path, config=CONFIG)
+  np.testing.assert_allclose(dp.forward_logits(gguf_model, PROMPT)[0], logits, atol=1e-5)
+
+
+def test_wrong_configs_and_models_are_refused(folder, tmp_path):
+  with pytest.raises(ValueError, match="Gemma 2 model; config is a Gemma3Config"):
+    _load(folder, config=get_preset("tiny"))
+  with pytest.raises(ValueError, match="does not match the checkpoint: num_layers=26"):
+    _load(folder, config="2b")
+  params = load_checkpoint(folder).params
+  with pytest.raises(ValueError, match="match no preset"):
+    from_gemma2_params(params)  # A flax tree of a custom size carries no soft-caps.
+  gemma1 = {k: v for k, v in params.items() if "post_" not in k}
+  with pytest.raises(ValueError, match="looks like gemma1"):
+    from_gemma2_params(gemma1, CONFIG)
+  with pytest.raises(ValueError, match="missing 1 tensor"):
+    from_gemma2_params({k: v for k, v in params.items() if "layer_3/mlp/linear" not in k},
+                       CONFIG)
+
+
+# ------------------------------------------------------------------ Gemma Scope 1
+
+
+def write_gs1(root, repo, layer, w_enc, w_dec, b_enc, b_dec, threshold, l0=5):
+  """A Gemma Scope 1 folder: ``<repo>/layer_L/width_W/average_l0_N/params.npz``."""
+  path = root / repo / f"layer_{layer}" / f"width_{w_enc.shape[1]}" / f"average_l0_{l0}"
+  path.mkdir(parents=True)
+  np.savez(path / "params.npz", W_enc=w_enc, W_dec=w_dec, b_enc=b_enc, b_dec=b_dec,
+           threshold=threshold)
+  return path
+
+
+def identity_gs1(root, repo, layer):
+  """An exact dictionary: W_enc = W_dec = I and thresholds below every value."""
+  eye = np.eye(64, dtype=np.float32)
+  zero = np.zeros(64, np.float32)
+  return write_gs1(root, repo, layer, eye, eye, zero, zero, np.full(64, -1e6, np.float32))
+
+
+@pytest.mark.parametrize("repo,layer,site", [
+    ("gemma-scope-tiny-pt-res", 2, "resid_post.2"), ("gemma-scope-tiny-pt-mlp", 1, "mlp_out.1"),
+    ("gemma-scope-tiny-pt-att", 3, "attn_z.3")])
+def test_exact_gs1_dictionary_changes_nothing(model, logits, tmp_path, repo, layer, site):
+  sae = dl.load(identity_gs1(tmp_path, repo, layer))
+  assert dl.sites.site_of(sae) == dl.sites.Site.parse(site)
+  spliced = np.asarray(dp.forward_logits(dp.splice(model, sae), PROMPT))[0]
+  np.testing.assert_allclose(spliced, logits, atol=1e-5)
+
+
+def test_gs1_splice_is_the_dictionary_on_the_captured_activation(model, clean, tmp_path):
+  rng = np.random.default_rng(0)
+  w_enc = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
+  sae = dl.load(write_gs1(
+      tmp_path, "gemma-scope-tiny-pt-res", 2, w_enc, (rng.standard_normal((32, 64)) / 4).astype(
+          np.float32), np.zeros(32, np.float32), (0.1 * rng.standard_normal(64)).astype(
+              np.float32), np.full(32, 0.5, np.float32)))
+  x = clean.array("resid_post.2")
+  recon = dl.forward(sae, x)
+  assert 0 < float((dl.encode(sae, x) > 0).mean()) < 1  # Some latents fire, not all.
+  # BOS (position 0) is left alone; every other position becomes the reconstruction.
+  want = jnp.concatenate([x[:, :1], recon[:, 1:]], axis=1)
+  spliced_logits, got = dp.run_with_cache(dp.splice(model, sae), PROMPT, ["resid_post.2"])
+  np.testing.assert_allclose(got.array("resid_post.2"), want, atol=1e-5)
+  # The rest of the model from there: the same as writing that value in by hand.
+  by_hand = attach(model, "resid_post.2", SetTo(value=pz.nx.wrap(want).tag(
+      "batch", "seq", "embedding")))
+  np.testing.assert_allclose(
+      spliced_logits.unwrap("batch", "seq", "vocabulary"),
+      dp.forward_logits(by_hand, PROMPT), atol=1e-5)
+
+
+def test_kv_cached_sampling_with_a_gs1_splice(model, tmp_path):
+  sae = dl.load(identity_gs1(tmp_path, "gemma-scope-tiny-pt-att", 1))
+  new = dp.generate_tokens(dp.splice(model, sae), PROMPT[0], max_new_tokens=4, stop_ids=())
+  np.testing.assert_array_equal(new, REF["greedy"][:4])
+
