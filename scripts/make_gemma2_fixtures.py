@@ -12,14 +12,14 @@ from its seed, here and in the tests. Recorded, all float32 from ``Gemma2ForCaus
 eager attention (the soft-capped path):
 
   prompt           (20,)        token ids (BOS first; longer than the window of 8)
-  logits           (20, 256)    final (soft-capped) logits
+  logits           (20, 320)    final (soft-capped) logits
   hidden_states    (5, 20, 64)  ``output_hidden_states`` (embeddings, then each layer's)
   resid_post, attn_out, mlp_in, mlp_out   (4, 20, 64)   forward hooks, one row per layer:
                    ``model.layers[L]`` output, ``post_attention_layernorm``,
                    ``pre_feedforward_layernorm``, ``post_feedforward_layernorm`` outputs
   attn_z           (4, 20, 64)  ``self_attn.o_proj`` input (heads x head_dim)
   greedy           (8,)         ``generate(do_sample=False)`` (KV-cached), the pad id 0 banned
-  scaled_logits    (20, 256)    logits of the same weights scaled by 4 (the caps bind)
+  scaled_logits    (20, 320)    logits of the same weights scaled by 4 (the caps bind)
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ outputs) and by the tests (to rebuild the same folder), so the fixture stores on
 Needs numpy and safetensors only.
 
 Sizes: 4 layers (sliding window on 0 and 2, global on 1 and 3), d_model 64, 4 query heads
-over 2 kv heads (grouped-query), head_dim 16, GeGLU width 96, vocabulary 256, window 8.
+over 2 kv heads (grouped-query), head_dim 16, GeGLU width 96, window 8, vocabulary 320
+(room for ``tokenizer()``'s SentencePiece vocabulary with byte fallback).
 The soft-caps are small (attention 5, final logits 8) so both are far from linear on these
 weights, and ``query_pre_attn_scalar`` (24) differs from head_dim so a wrong query scale
 shows.
@@ -18,11 +19,11 @@ import os
 
 import numpy as np
 
-SEED = 3  # A seed whose greedy continuation changes token (many random ones repeat one).
+SEED = 6  # A seed whose greedy continuation changes token (many random ones repeat one).
 CONFIG = {
     "architectures": ["Gemma2ForCausalLM"],
     "model_type": "gemma2",
-    "vocab_size": 256,
+    "vocab_size": 320,
     "hidden_size": 64,
     "intermediate_size": 96,
     "num_hidden_layers": 4,
@@ -132,3 +133,19 @@ def write_gguf(path: str | os.PathLike, seed: int = SEED) -> str:
   writer.write_tensors_to_file()
   writer.close()
   return path
+
+
+def tokenizer():
+  """A SentencePiece tokenizer for the tiny model: Gemma's specials, the 256 byte pieces
+  (byte fallback), then lower-case letters with and without a leading space. Needs
+  dictlearn_gemma."""
+  from dictlearn_gemma.tokenizer import Tokenizer
+
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  pieces = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2), ("<start_of_turn>", 3),
+            ("<end_of_turn>", 3)]
+  pieces += [(f"<0x{b:02X}>", 6) for b in range(256)]
+  pieces += [("\u2581", 1)] + [(c, 1) for c in letters] + [("\u2581" + c, 1) for c in letters]
+  pieces += [(f"<unused{i}>", 3) for i in range(CONFIG["vocab_size"] - len(pieces))]
+  scores = [0.0 if kind != 1 else -float(i) for i, (_, kind) in enumerate(pieces)]
+  return Tokenizer.from_vocabulary([p for p, _ in pieces], scores, [k for _, k in pieces])
