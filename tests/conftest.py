@@ -11,10 +11,15 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-settings.register_profile(
-    "dictlearn", deadline=None, max_examples=25, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("dictlearn")
+# Most examples draw new shapes, and each new shape compiles: 12 examples a run keep the
+# suite's time in bounds (every CI run draws new ones); DICTLEARN_HYPOTHESIS=thorough runs
+# 100 of each.
+_common = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dictlearn", max_examples=12, **_common)
+settings.register_profile("thorough", max_examples=100, **_common)
+settings.load_profile("thorough" if os.environ.get("DICTLEARN_HYPOTHESIS") == "thorough"
+                      else "dictlearn")
 
 
 import pytest  # noqa: E402
