@@ -155,6 +155,10 @@ def test_orbax_checkpoint_is_recognised_as_gemma2(folder, logits, tmp_path):
 def test_wrong_configs_and_models_are_refused(folder, tmp_path):
   with pytest.raises(ValueError, match="Gemma 2 model; config is a Gemma3Config"):
     _load(folder, config=get_preset("tiny"))
+  with pytest.raises(ValueError, match="'gemma2' model .* loads with dictlearn_penzai.load_gemma"):
+    dp.load_gemma3(folder)  # The Gemma 3 loader stays Gemma 3 only, and says where to go.
+  with pytest.raises(ValueError, match="'gemma2'.* loads with dictlearn_penzai.load_gemma"):
+    dp.load_gemma3(gemma2_tiny.write_gguf(tmp_path / "tiny.gguf"))
   with pytest.raises(ValueError, match="does not match the checkpoint: num_layers=26"):
     _load(folder, config="2b")
   params = load_checkpoint(folder).params

@@ -182,8 +182,10 @@ def gguf_to_gemma_params(gf: GGUFFile, architectures: tuple[str, ...] = ("gemma3
   arch = gf.metadata.get("general.architecture")
   if arch not in architectures:
     family = "Gemma 3" if architectures == ("gemma3",) else "Gemma"
+    hint = (" Gemma 2 loads with dictlearn_penzai.load_gemma (or dictlearn_gemma."
+            "load_checkpoint)." if arch == "gemma2" else "")
     raise ValueError(f"{gf.path!r} is not a {family} GGUF: general.architecture is {arch!r} "
-                     f"(expected {' or '.join(map(repr, architectures))})")
+                     f"(expected {' or '.join(map(repr, architectures))}).{hint}")
   names = {}
   for name in gf.tensors:
     base = name.removesuffix(".weight")

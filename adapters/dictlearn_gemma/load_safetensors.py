@@ -143,8 +143,10 @@ def check_hf_config(folder: str, model_types: tuple[str, ...] = _GEMMA3_MODEL_TY
   model_type = None if config is None else config.get("model_type")
   if model_type is not None and model_type not in model_types:
     family = "Gemma 2" if model_types == GEMMA2_MODEL_TYPES else "Gemma 3"
+    hint = (" Gemma 2 loads with dictlearn_penzai.load_gemma (or dictlearn_gemma."
+            "load_checkpoint)." if model_type in GEMMA2_MODEL_TYPES else "")
     raise ValueError(f"{folder!r} holds a {model_type!r} model (config.json), not {family} "
-                     f"(model_type {' or '.join(model_types)})")
+                     f"(model_type {' or '.join(model_types)}).{hint}")
   return config
 
 
