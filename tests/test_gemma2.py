@@ -126,6 +126,9 @@ def test_flax_tree_and_gguf_give_the_same_model(folder, logits, tmp_path):
   ckpt = load_checkpoint(folder)
   assert (ckpt.architecture, ckpt.config) == ("gemma2", CONFIG)
   assert not any("_query_norm" in k for k in ckpt.params)
+  # One .safetensors file: its folder's config.json says Gemma 2.
+  one = load_checkpoint(os.path.join(folder, "model.safetensors"))
+  assert one.architecture == "gemma2" and one.params.keys() == ckpt.params.keys()
   # The flax (Kaggle FLAT) layout of the same tree; a custom size needs its config.
   flax_model = from_gemma2_params(flat_layout(ckpt.params), CONFIG)
   np.testing.assert_allclose(dp.forward_logits(flax_model, PROMPT)[0], logits, atol=1e-5)

@@ -186,7 +186,8 @@ def read_safetensors_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.nd
 
 def load_gemma2_safetensors_params(folder: str | os.PathLike
                                    ) -> tuple[dict[str, np.ndarray], Gemma2Config]:
-  """(canonical params, config) of a transformers ``Gemma2ForCausalLM`` safetensors folder.
+  """(canonical params, config) of a transformers ``Gemma2ForCausalLM`` safetensors folder
+  (or one ``.safetensors`` file in it).
 
   The folder's ``config.json`` is required: Gemma 2 tensors do not give the head size, the
   soft-caps or the window. The canonical tree is Gemma 3's without the QK-norm scales.
@@ -194,13 +195,14 @@ def load_gemma2_safetensors_params(folder: str | os.PathLike
   Raises:
     ValueError: no config.json, a config for another model, or missing tensors.
   """
-  folder = os.fspath(folder)
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"no safetensors folder at {folder!r}")
+  path = os.fspath(folder)
+  folder = os.path.dirname(path) if path.endswith(".safetensors") else path
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no safetensors folder at {path!r}")
   hf = check_hf_config(folder, GEMMA2_MODEL_TYPES)
   if hf is None:
     raise ValueError(f"{folder!r} has no config.json; a Gemma 2 folder needs it (head_dim, "
                      "soft-caps and window are not in the tensors)")
   config = Gemma2Config.from_hf_config(hf, source=os.path.join(folder, "config.json"))
-  tensors, source = read_safetensors_tensors(folder)
+  tensors, source = read_safetensors_tensors(path)
   return hf_to_gemma_params(tensors, source=source, gemma2_head_dim=config.head_dim), config

@@ -169,7 +169,7 @@ def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None
                        "not a Gemma checkpoint")
     tok = os.path.join(folder, "tokenizer.model")
     tokenizer = _tokenizer_or_warn(tok if os.path.isfile(tok) else None, path)
-    hf = read_hf_config(path) if os.path.isdir(path) else None
+    hf = read_hf_config(folder)  # Beside a lone .safetensors file too.
     model_type = (hf or {}).get("model_type")
     if model_type in GEMMA2_MODEL_TYPES:
       params, found = load_gemma2_safetensors_params(path)
