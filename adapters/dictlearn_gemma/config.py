@@ -163,7 +163,8 @@ class Gemma2Config(Gemma2Facts):
 
   @classmethod
   def from_facts(cls, facts: Gemma2Facts, name: str = "custom") -> "Gemma2Config":
-    return cls(name=name, **{f.name: getattr(facts, f.name) for f in dataclasses.fields(Gemma2Facts)})
+    fields = dataclasses.fields(Gemma2Facts)
+    return cls(name=name, **{f.name: getattr(facts, f.name) for f in fields})
 
 
 GEMMA2_PRESETS: dict[str, Gemma2Config] = {

@@ -231,7 +231,8 @@ def gguf_gemma2_config(gf: GGUFFile) -> Gemma2Config:
   preset = gemma2_preset_for(sizes)
   emb = gf.tensors.get("token_embd.weight")
   return Gemma2Config(
-      **sizes, name=preset.name if preset else "custom", vocab_size=emb.shape[0] if emb is not None else 256_000,
+      **sizes, name=preset.name if preset else "custom",
+      vocab_size=emb.shape[0] if emb is not None else 256_000,
       sliding_window=int(get("attention.sliding_window", 4096)),
       rope_base=float(get("rope.freq_base", 10_000.0)),
       query_pre_attn_scalar=preset.query_pre_attn_scalar if preset else None,

@@ -44,7 +44,8 @@ from penzai.models.transformer import model_parts
 from penzai.models.transformer.variants import llamalike_common as llc
 
 from dictlearn_gemma.config import Gemma2Config
-from dictlearn_gemma.params import PREFIX, layer_prefix, normalize_gemma_params, resolve_gemma2_config
+from dictlearn_gemma.params import (
+    PREFIX, layer_prefix, normalize_gemma_params, resolve_gemma2_config)
 from dictlearn_penzai.hookpoint import HookPoint
 
 
