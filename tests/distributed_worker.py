@@ -9,7 +9,9 @@ every process, in one launch (processes start slowly):
    WORKDIR/fit_width.npz;
 3. the run killed after step 20 (the step-40 checkpoint removed) and resumed ->
    WORKDIR/resumed.npz;
-4. a ``CorpusEval`` fed this process's share of :func:`eval_batches` and reduced over the
+4. ``fit`` on a replayable stream of :func:`chunks` (every process reads it whole and
+   keeps its rows) -> WORKDIR/fit_stream.npz;
+5. a ``CorpusEval`` fed this process's share of :func:`eval_batches` and reduced over the
    processes -> WORKDIR/eval.json.
 
 Process 0 writes the files. The test imports the constants below for its one-process
@@ -39,6 +41,15 @@ def data(seed: int = 1) -> np.ndarray:
   idx = rng.integers(0, 64, size=(N_ROWS, 2))
   mag = rng.uniform(1.0, 2.0, size=(N_ROWS, 2))
   return np.einsum("nk,nkd->nd", mag, dirs[idx]).astype(np.float32)
+
+
+def chunks():
+  """A replayable stream: :func:`data` in uneven chunks."""
+  x = data()
+  return (x[i:i + 300] for i in range(0, len(x), 300))
+
+
+STREAM = dict(FIT, shuffle_buffer=1024)
 
 
 def eval_batches():
@@ -107,6 +118,10 @@ def main(port: str, num_processes: str, process_id: str, workdir: str) -> None:
   result = fit(x, mesh=mesh, checkpoint_dir=ck, checkpoint_every=20, **FIT)
   if dist.is_primary():
     save_fit(os.path.join(workdir, "resumed.npz"), result)
+
+  result = fit(chunks, mesh=mesh, **STREAM)
+  if dist.is_primary():
+    save_fit(os.path.join(workdir, "fit_stream.npz"), result)
 
   ev = evals.CorpusEval({"sae": EVAL_WIDTH}, {"sae": "s"})
   mine = eval_batches()[jax.process_index()::jax.process_count()]

@@ -59,6 +59,7 @@ def test_two_processes_equal_one(tmp_path):
     ref = fit(x, mesh=jax.make_mesh((2,), ("data",), devices=two), **W.FIT)
     ref_wide = fit(x, mesh=jax.make_mesh((1, 2), ("data", "width"), devices=two),
                    width_axis="width", **W.FIT)
+    ref_stream = fit(W.chunks, mesh=jax.make_mesh((2,), ("data",), devices=two), **W.STREAM)
     ev = evals.CorpusEval({"sae": W.EVAL_WIDTH}, {"sae": "s"})
     W.feed(ev, W.eval_dictionary(), W.eval_batches())
     ref_eval = json.loads(json.dumps(ev.results()))
@@ -67,6 +68,7 @@ def test_two_processes_equal_one(tmp_path):
 
   close(ref, load_fit(tmp_path / "fit.npz"), "data-parallel")
   close(ref_wide, load_fit(tmp_path / "fit_width.npz"), "width over processes")
+  close(ref_stream, load_fit(tmp_path / "fit_stream.npz"), "a stream")
   # Killed after step 20 and resumed by two processes: the uninterrupted two-process run.
   two_proc = load_fit(tmp_path / "fit.npz")
   resumed = load_fit(tmp_path / "resumed.npz")
