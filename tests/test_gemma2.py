@@ -18,6 +18,7 @@ from penzai import pz
 import dictlearn as dl
 import dictlearn_penzai as dp
 from dictlearn_gemma.config import Gemma2Config, get_preset
+from dictlearn_gemma.params import init_gemma_params
 from dictlearn_gemma.loading import load_checkpoint
 from dictlearn_penzai.gemma2_model import from_gemma2_params
 from dictlearn_penzai.hooks import attach
@@ -254,3 +255,20 @@ def test_kv_cached_sampling_with_a_gs1_splice(model, tmp_path):
                            stop_ids=())
   np.testing.assert_array_equal(new, REF["greedy"])
 
+
+
+def test_load_gemma_still_loads_gemma3(tmp_path):
+  """The same entry point gives Gemma 3 for a Gemma 3 folder, as load_gemma3 does."""
+  from test_gemma3_loaders import write_hf_folder
+  config = get_preset("tiny")
+  params = init_gemma_params(config, seed=1)
+  write_hf_folder(tmp_path / "gemma3", params, config)
+  model = _load(tmp_path / "gemma3")
+  assert dp.model_config(model) == config
+  tokens = np.array([[2, 40, 41, 7, 300, 12]])
+  np.testing.assert_allclose(dp.forward_logits(model, tokens),
+                             dp.forward_logits(dp.from_gemma_params(params), tokens), atol=1e-5)
+  with pytest.raises(ValueError, match="Gemma 3 model; config is a Gemma2Config"):
+    _load(tmp_path / "gemma3", config=CONFIG)
+  with pytest.raises(ValueError, match="looks like gemma3"):
+    from_gemma2_params(params, CONFIG)
