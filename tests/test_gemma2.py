@@ -275,3 +275,19 @@ def test_load_gemma_still_loads_gemma3(tmp_path):
     _load(tmp_path / "gemma3", config=CONFIG)
   with pytest.raises(ValueError, match="looks like gemma3"):
     from_gemma2_params(params, CONFIG)
+
+
+def test_dictlearn_eval_scores_an_exact_gs1_dictionary_one_on_gemma2(folder, tmp_path):
+  import json
+  from dictlearn_penzai import eval_cli
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  (corpus / "a.txt").write_text("the cat sat on the mat and looked at the dog " * 6)
+  exact = identity_gs1(tmp_path, "gemma-scope-tiny-pt-res", 2)
+  assert eval_cli.main(["--model", folder, "--dictionary", str(exact), "--corpus", str(corpus),
+                        "--tokens", "120", "--seq-len", "16", "--out", str(tmp_path / "out"),
+                        "--no-progress"]) == 0
+  [result] = (tmp_path / "out").glob("*.json")
+  m = json.loads(result.read_text())["eval_result_metrics"]
+  assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+  assert m["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)

@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
                   help="dictionary folders (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
                   "'pydoc' (default: /usr/share/common-licenses, else pydoc)")
-  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=20_000, help="non-padding tokens to evaluate")
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--batch-size", type=int, default=4)
@@ -163,8 +163,8 @@ def main(argv=None) -> int:
   model_path = args.model or default_model()
   if args.model and not args.model.startswith("kaggle:") and not Path(args.model).exists():
     return _fail(f"no model at {args.model}")
-  from dictlearn_penzai.loading import load_gemma3
-  model, tok = load_gemma3(model_path)
+  from dictlearn_penzai.loading import load_gemma
+  model, tok = load_gemma(model_path)
   named = named_dictionaries(dicts)
   info = {}
   for (name, d), ref in zip(named.items(), args.dictionary):

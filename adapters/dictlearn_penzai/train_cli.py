@@ -61,7 +61,7 @@ def read_corpus(spec: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="dictlearn train", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--kind", choices=["sae", "transcoder"], default="sae")
   ap.add_argument("--site", default="resid_post", help="SAE site kind (ignored for transcoders)")
   ap.add_argument("--layer", type=int, required=True)
@@ -90,9 +90,9 @@ def main(argv=None) -> int:
   if processes > 1 and not args.activations:
     raise SystemExit("with several processes pass --activations FOLDER on a filesystem "
                      "every process sees (each writes its part of the harvest there)")
-  from dictlearn_penzai.loading import load_gemma3
+  from dictlearn_penzai.loading import load_gemma
 
-  model, tokenizer = load_gemma3(args.model or default_model())
+  model, tokenizer = load_gemma(args.model or default_model())
   if args.kind == "transcoder":
     src, dst = S.mlp_in(args.layer), S.mlp_out(args.layer)
   else:
