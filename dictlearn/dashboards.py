@@ -470,8 +470,8 @@ def feature_json(dash: Dashboards, j: int, text: Callable[[int], str], *,
   ``is_repeated_datapoint`` marks a bin example also among the top ones), ``top_logits``,
   ``bottom_logits``, ``act_min``, ``act_max``, ``quantile_values`` (the bin edges),
   ``histogram`` (counts of fired activations in the bins ``dictlearn.histogram_edges``),
-  ``activation_frequency`` (the density); our extras under ``dictlearn``. ``text``: token id -> string; ``lens``: ``logit_lens``'s
-  result for the tracked latents."""
+  ``activation_frequency`` (the density); our extras under ``dictlearn``. ``text``: token
+  id -> string; ``lens``: ``logit_lens``'s result for the tracked latents."""
   f = dash.features[j]
   top_at = {(e.seq, e.pos) for e in f.top}
   quantiles = [{"quantile_name": TOP_NAME,
@@ -612,7 +612,8 @@ def index_page(dash: Dashboards, text, pages: Sequence[str], *, lens=None) -> st
         f"<td>{' '.join(f'<code>{_visible(t)}</code>' for t in toks)}</td>"
         f"<td>{' '.join(f'<code>{_visible(t)}</code>' for t in logits)}</td></tr>")
   info = dash.info
-  where = ", ".join(html.escape(str(info[k])) for k in ("site_in", "site_out") if info.get(k))
+  where = " -> ".join(dict.fromkeys(html.escape(str(info[k])) for k in ("site_in", "site_out")
+                                    if info.get(k)))  # an SAE's one site once
   body = (f'<p>{len(rows)} latents{" at " + where if where else ""}, {dash.tokens} tokens. '
           '<input id="search" type="search" placeholder="latent index or token text"> '
           '<span id="shown"></span> shown</p>'

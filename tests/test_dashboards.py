@@ -98,7 +98,8 @@ def test_cli_end_to_end_and_the_index_renders(model, tmp_path):
   out = tmp_path / "dash"
   argv = ["--dictionary", str(sae), "--corpus", str(tmp_path / "corpus"), "--tokens", "80",
           "--seq-len", str(SEQ), "--batch-size", str(BATCH), "--latents", "0:23,30",
-          "--k", "6", "--quantiles", "3", "--examples-per-quantile", "2", "--scan", "tiny", "--out", str(out), "--no-progress"]
+          "--k", "6", "--quantiles", "3", "--examples-per-quantile", "2", "--scan", "tiny",
+          "--out", str(out), "--no-progress"]
   assert dashboard_cli.main(argv, loaded=(model, Tok())) == 0
   files = sorted(p.name for p in (out / "features" / "tiny").iterdir())
   expect = sorted(f"{D.feature_index(1, i)}.{ext}" for i in [*range(23), 30]

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from dictlearn import dashboards, evals
 from dictlearn_gemma import corpus as C
 from dictlearn_penzai import analysis, hooks
-from dictlearn_penzai import layers as L
 from dictlearn_penzai.evaluate import named_dictionaries
 
 
@@ -52,7 +51,7 @@ def collect(model, tokenizer, corpus, dictionary, *, tokens: int | None = 200_00
   Returns:
     ``dictlearn.dashboards.Dashboards``.
   """
-  ((default_name, d),) = named_dictionaries([L.core_dictionary(dictionary)]).items()
+  ((default_name, d),) = named_dictionaries([dictionary]).items()
   src, dst = hooks.read_write_sites(model, d, site)
   if latents is None:
     latents = np.arange(d.width)

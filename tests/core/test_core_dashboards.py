@@ -51,7 +51,8 @@ def stream(cuts, **kw):
   bounds = [0, *cuts, ROWS]
   for a, b in zip(bounds[:-1], bounds[1:]):
     pad = BATCH - (b - a)
-    fill = lambda x, v: np.concatenate([x[a:b], np.full((pad,) + x.shape[1:], v, x.dtype)])  # noqa: E731
+    def fill(x, v):
+      return np.concatenate([x[a:b], np.full((pad,) + x.shape[1:], v, x.dtype)])
     c.add(fill(ACTS, 0), fill(TOKENS, 0), fill(MASK, False), valid=fill(VALID, False),
           seq_ids=np.r_[np.arange(a, b), np.full(pad, -1)])
   return c.results()

@@ -1,0 +1,121 @@
+"""Dashboard collection on the real Gemma 3 270M with the demo SAE (2048 latents, layer 9
+resid_post), in one process.
+
+Prints a table: tokens/s of the bare model forward over the corpus's batches, of the
+forward capturing the SAE's input, of the collector alone on those inputs, and of
+``collect`` (forward, capture, then the compiled encode + top-k/sample merge; corpus
+tokenization included), each for 200 latents and for all 2048, with the ratio to the bare
+forward; then ``write`` (files, pages, the logit lens through the 262k-token
+unembedding). Every configuration runs once on one batch first, so compile time is left
+out.
+
+  python benchmarks/bench_dashboards.py [--tokens 20000] [--seq-len 128] [--batch-size 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+import dictlearn as dl
+from dictlearn import dashboards as D
+from dictlearn import evals
+from dictlearn_gemma import corpus as C
+from dictlearn_penzai import hooks
+from dictlearn_penzai.dashboards import collect, write
+from dictlearn_penzai.loading import load_gemma3
+from dictlearn_penzai.train_cli import default_model
+
+DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "adapters",
+                    "dictlearn_penzai", "demo")
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  out = fn()
+  return out, time.perf_counter() - t
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--tokens", type=int, default=20_000)
+  ap.add_argument("--seq-len", type=int, default=128)
+  ap.add_argument("--batch-size", type=int, default=4)
+  args = ap.parse_args(argv)
+  model, tok = load_gemma3(default_model())
+  sae = dl.load(os.path.join(DEMO, "sae"))
+  corpus_name, docs = C.default_corpus()
+  kw = dict(seq_len=args.seq_len, batch_size=args.batch_size, progress=False)
+  one_batch = args.seq_len * args.batch_size // 2
+  configs = {"200 latents": np.arange(200), f"all {sae.width} latents": np.arange(sae.width)}
+  for latents in configs.values():  # compile each collector shape once
+    collect(model, tok, docs, sae, tokens=one_batch, latents=latents, **kw)
+
+  rows = list(C.sequences(tok, C.documents(docs), args.seq_len, tokens=args.tokens))
+  batches = [b for b, _ in C.batches(rows, args.batch_size, args.seq_len)]
+  n_tok = int(sum((b != 0).sum() for b in batches))
+  block = jax.block_until_ready
+  def bare():
+    # Dispatched like collect's (async, one wait at the end, so batches may overlap); each
+    # batch's logits (batch, seq, 262k) are 0.5 GB, so only the last one is kept.
+    for b in batches:
+      out = hooks.call(model, b).data_array
+    block(out)
+  block(hooks.call(model, batches[0]).data_array)
+  _, t_bare = _timed(bare)
+  site = dl.sites.site_of(sae)
+
+  def captured():
+    out = []
+    for b in batches:
+      pos = np.asarray(hooks.positions_from_padding(hooks.as_tokens(b), 0).unwrap("batch",
+                                                                                 "seq"))
+      x = hooks.run_with_cache(model, b, [site])[1].array(site)
+      out.append((x, b, evals.token_mask(pos), pos >= 0))
+    return block(out)
+  inputs, t_capture = _timed(captured)
+
+  def updates(latents):
+    c = D.DashboardCollector(latents, dictionary=sae)
+    for x, b, m, v in inputs:
+      c.add_inputs(x, b, m, valid=v)
+    return c.results()
+
+  times, t_update = {}, {}
+  for name, latents in configs.items():
+    _, t_update[name] = _timed(lambda: updates(latents))
+    results, times[name] = _timed(
+        lambda: collect(model, tok, docs, sae, tokens=args.tokens, latents=latents, **kw))
+  _, t_bare_again = _timed(bare)  # the first pass of the run is often slower: both shown
+  with tempfile.TemporaryDirectory() as out:
+    paths, t_write = _timed(lambda: write(results, out, tok, model))
+
+  print(f"# bench_dashboards: Gemma 3 270M (CPU, {os.cpu_count()} cores, {platform.machine()}, "
+        f"jax {jax.__version__}), demo SAE ({sae.width} latents, {site}), corpus "
+        f"{corpus_name}, {n_tok} tokens, seq_len {args.seq_len}, batch {args.batch_size}")
+  print("| what | seconds | tokens/s | ratio to bare forward |")
+  print("|---|---:|---:|---:|")
+  t_bare, t_first = min(t_bare, t_bare_again), t_bare
+  print(f"| bare forward (the faster of 2 runs) | {t_bare:.1f} | {n_tok / t_bare:.0f} | 1.00 |")
+  print(f"| bare forward, first run | {t_first:.1f} | {n_tok / t_first:.0f} | "
+        f"{t_first / t_bare:.2f} |")
+  print(f"| forward capturing {site} | {t_capture:.1f} | {n_tok / t_capture:.0f} | "
+        f"{t_capture / t_bare:.2f} |")
+  for name in configs:
+    print(f"| collect, {name} | {times[name]:.1f} | {n_tok / times[name]:.0f} | "
+          f"{times[name] / t_bare:.2f} |")
+    print(f"| collector alone (updates + results), {name} | {t_update[name]:.2f} | "
+          f"{n_tok / t_update[name]:.0f} | {t_update[name] / t_bare:.3f} |")
+  print(f"| write {len(results.features)} latents (files, pages, logit lens) | {t_write:.1f} "
+        f"| | |")
+  assert len(paths) == 2 * sae.width + 1
+
+
+if __name__ == "__main__":
+  main()
