@@ -18,7 +18,6 @@ import argparse
 import os
 import platform
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -32,14 +31,10 @@ from dictlearn_penzai.dashboards import collect, write
 from dictlearn_penzai.loading import load_gemma3
 from dictlearn_penzai.train_cli import default_model
 
+from corpus_timing import bare_forward_seconds, corpus_batches, timed
+
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "adapters",
                     "dictlearn_penzai", "demo")
-
-
-def _timed(fn):
-  t = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t
 
 
 def main(argv=None):
@@ -57,18 +52,9 @@ def main(argv=None):
   for latents in configs.values():  # compile each collector shape once
     collect(model, tok, docs, sae, tokens=one_batch, latents=latents, **kw)
 
-  rows = list(C.sequences(tok, C.documents(docs), args.seq_len, tokens=args.tokens))
-  batches = [b for b, _ in C.batches(rows, args.batch_size, args.seq_len)]
-  n_tok = int(sum((b != 0).sum() for b in batches))
+  batches, n_tok = corpus_batches(tok, docs, args.seq_len, args.batch_size, args.tokens)
   block = jax.block_until_ready
-  def bare():
-    # Dispatched like collect's (async, one wait at the end, so batches may overlap); each
-    # batch's logits (batch, seq, 262k) are 0.5 GB, so only the last one is kept.
-    for b in batches:
-      out = hooks.call(model, b).data_array
-    block(out)
-  block(hooks.call(model, batches[0]).data_array)
-  _, t_bare = _timed(bare)
+  t_bare = bare_forward_seconds(model, batches)
   site = dl.sites.site_of(sae)
 
   def captured():
@@ -79,7 +65,7 @@ def main(argv=None):
       x = hooks.run_with_cache(model, b, [site])[1].array(site)
       out.append((x, b, evals.token_mask(pos), pos >= 0))
     return block(out)
-  inputs, t_capture = _timed(captured)
+  inputs, t_capture = timed(captured)
 
   def updates(latents):
     c = D.DashboardCollector(latents, dictionary=sae)
@@ -89,12 +75,12 @@ def main(argv=None):
 
   times, t_update = {}, {}
   for name, latents in configs.items():
-    _, t_update[name] = _timed(lambda: updates(latents))
-    results, times[name] = _timed(
+    _, t_update[name] = timed(lambda: updates(latents))
+    results, times[name] = timed(
         lambda: collect(model, tok, docs, sae, tokens=args.tokens, latents=latents, **kw))
-  _, t_bare_again = _timed(bare)  # the first pass of the run is often slower: both shown
+  t_bare_again = bare_forward_seconds(model, batches)  # the first pass of the run is often slower: both shown
   with tempfile.TemporaryDirectory() as out:
-    paths, t_write = _timed(lambda: write(results, out, tok, model))
+    paths, t_write = timed(lambda: write(results, out, tok, model))
 
   print(f"# bench_dashboards: Gemma 3 270M (CPU, {os.cpu_count()} cores, {platform.machine()}, "
         f"jax {jax.__version__}), demo SAE ({sae.width} latents, {site}), corpus "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import jax
 import numpy as np
@@ -26,14 +25,10 @@ from dictlearn_penzai.evaluate import evaluate
 from dictlearn_penzai.loading import load_gemma3
 from dictlearn_penzai.train_cli import default_model
 
+from corpus_timing import bare_forward_seconds, corpus_batches, timed
+
 DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "adapters",
                     "dictlearn_penzai", "demo")
-
-
-def _timed(fn):
-  t = time.perf_counter()
-  out = fn()
-  return out, time.perf_counter() - t
 
 
 def main(argv=None):
@@ -53,22 +48,19 @@ def main(argv=None):
   for dicts in configs.values():  # compile every model structure once
     evaluate(model, tok, docs, dicts, tokens=one_batch, **kw)
 
-  rows = list(C.sequences(tok, C.documents(docs), args.seq_len, tokens=args.tokens))
-  batches = [b for b, _ in C.batches(rows, args.batch_size, args.seq_len)]
-  n_tok = int(sum((b != 0).sum() for b in batches))
-  block = lambda x: jax.block_until_ready(x)  # noqa: E731
-  block(hooks.call(model, batches[0]).data_array)
-  _, t_bare = _timed(lambda: [block(hooks.call(model, b).data_array) for b in batches])
+  batches, n_tok = corpus_batches(tok, docs, args.seq_len, args.batch_size, args.tokens)
+  t_bare = bare_forward_seconds(model, batches)
   sites = [dl.sites.site_of(sae), dl.sites.site_of(tc, "in")]
   caches = [hooks.run_with_cache(model, b, sites)[1] for b in batches]
+  block = jax.block_until_ready
   t_dict = {}
   for name, d, s in (("sae", sae, sites[0]), ("transcoder", tc, sites[1])):
     block(dl.encode_decode(d, caches[0].array(s)))
-    _, t_dict[name] = _timed(lambda: [block(dl.encode_decode(d, c.array(s))) for c in caches])
+    _, t_dict[name] = timed(lambda: [block(dl.encode_decode(d, c.array(s))) for c in caches])
 
   times, results = {}, {}
   for name, dicts in configs.items():
-    results[name], times[name] = _timed(
+    results[name], times[name] = timed(
         lambda: evaluate(model, tok, docs, dicts, tokens=args.tokens, **kw))
 
   print(f"# bench_evals: Gemma 3 270M (CPU, {os.cpu_count()} cores, {platform.machine()}, "

@@ -34,13 +34,8 @@ DEPTHS = (0.25, 0.50, 0.65, 0.85)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelFacts:
-  """The architecture of one Gemma 3 text model: every number its weights and dictionaries obey.
-
-  This is the one table of Gemma 3 sizes in the repository; ``dictlearn_gemma.config``
-  builds its presets from it. The numbers come from the Gemma reference implementation
-  (``gemma.gm.nn._gemma``: ``Gemma3_270M`` ... ``Gemma3_27B``) and agree with transformers'
-  ``Gemma3TextConfig`` files on the hub.
+class BlockShape:
+  """The sizes of a Gemma text model's blocks, shared by ``ModelFacts`` and ``Gemma2Facts``.
 
   Attributes:
     num_layers: transformer blocks.
@@ -49,6 +44,26 @@ class ModelFacts:
     num_kv_heads: key/value heads (1 = multi-query; < num_heads = grouped-query).
     head_dim: per-head width.
     hidden_dim: GeGLU width.
+  """
+
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  hidden_dim: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelFacts(BlockShape):
+  """The architecture of one Gemma 3 text model: every number its weights and dictionaries obey.
+
+  This is the one table of Gemma 3 sizes in the repository; ``dictlearn_gemma.config``
+  builds its presets from it. The numbers come from the Gemma reference implementation
+  (``gemma.gm.nn._gemma``: ``Gemma3_270M`` ... ``Gemma3_27B``) and agree with transformers'
+  ``Gemma3TextConfig`` files on the hub.
+
+  Attributes (with ``BlockShape``'s sizes):
     vocab_size: rows of the (tied) embedding table (the multimodal hub checkpoints of 4B+
       carry 262208 rows; the loaders keep whatever the checkpoint has).
     sliding_window: tokens a local layer sees, itself included.
@@ -60,12 +75,6 @@ class ModelFacts:
     rms_norm_eps: RMSNorm epsilon.
   """
 
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  hidden_dim: int
   vocab_size: int = 262_144
   sliding_window: int = 512
   local_rope_base: float = 10_000.0
@@ -96,7 +105,7 @@ SIZES = tuple(MODELS)  # Gemma Scope 2 has a release for every size.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Gemma2Facts:
+class Gemma2Facts(BlockShape):
   """The architecture of one Gemma 2 text model (the models Gemma Scope 1 was trained on).
 
   The numbers are those of penzai's Gemma 2 presets
@@ -105,8 +114,7 @@ class Gemma2Facts:
   sliding window, odd layers globally. No QK-norm; instead attention logits and final logits
   are soft-capped (``cap * tanh(x / cap)``).
 
-  Attributes:
-    num_layers, d_model, num_heads, num_kv_heads, head_dim, hidden_dim: as ``ModelFacts``.
+  Attributes (with ``BlockShape``'s sizes):
     vocab_size: transformers' 256000 (the flax checkpoints carry 256128 rows; the loaders
       keep whatever the checkpoint has).
     sliding_window: tokens a local (even) layer sees, itself included.
@@ -117,12 +125,6 @@ class Gemma2Facts:
     rms_norm_eps: RMSNorm epsilon.
   """
 
-  num_layers: int
-  d_model: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  hidden_dim: int
   vocab_size: int = 256_000
   sliding_window: int = 4096
   rope_base: float = 10_000.0

@@ -10,20 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from dictlearn.catalog import GEMMA2_MODELS, MODELS, Gemma2Facts, ModelFacts
+from dictlearn.catalog import GEMMA2_MODELS, MODELS, BlockShape, Gemma2Facts, ModelFacts
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Gemma3Config(ModelFacts):
-  """Architecture of one Gemma 3 text model: ``dictlearn.catalog.ModelFacts`` and a name.
-
-  Every field is a keyword; see ``ModelFacts`` for what each number means.
-
-  Attributes:
-    name: preset name ("270m", ..., "tiny") or "custom".
-  """
-
-  name: str = "custom"
+class _Checked:
+  """What both families' configs add to their facts: checks, derived sizes, ``replace``."""
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -42,6 +33,26 @@ class Gemma3Config(ModelFacts):
   def queries_per_kv_head(self) -> int:
     return self.num_heads // self.num_kv_heads
 
+  def shape_signature(self) -> dict[str, int]:
+    """The sizes a checkpoint's tensor shapes determine (vocab excluded: it varies)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(BlockShape)}
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Gemma3Config(_Checked, ModelFacts):
+  """Architecture of one Gemma 3 text model: ``dictlearn.catalog.ModelFacts`` and a name.
+
+  Every field is a keyword; see ``ModelFacts`` for what each number means.
+
+  Attributes:
+    name: preset name ("270m", ..., "tiny") or "custom".
+  """
+
+  name: str = "custom"
+
   def is_global(self, layer: int) -> bool:
     """Whether block ``layer`` uses global (full causal) attention."""
     return (layer + 1) % self.global_every == 0
@@ -51,15 +62,6 @@ class Gemma3Config(ModelFacts):
     if self.is_global(layer):
       return self.global_rope_base, self.global_rope_scale
     return self.local_rope_base, 1.0
-
-  def shape_signature(self) -> dict[str, int]:
-    """The sizes a checkpoint's tensor shapes determine (vocab excluded: it varies)."""
-    return dict(num_layers=self.num_layers, d_model=self.d_model, num_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                hidden_dim=self.hidden_dim)
-
-  def replace(self, **changes) -> "Gemma3Config":
-    return dataclasses.replace(self, **changes)
 
   @classmethod
   def from_facts(cls, facts: ModelFacts, name: str = "custom") -> "Gemma3Config":
@@ -90,7 +92,7 @@ def get_preset(name: str | Gemma3Config) -> Gemma3Config:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Gemma2Config(Gemma2Facts):
+class Gemma2Config(_Checked, Gemma2Facts):
   """Architecture of one Gemma 2 text model: ``dictlearn.catalog.Gemma2Facts`` and a name.
 
   Attributes:
@@ -99,35 +101,9 @@ class Gemma2Config(Gemma2Facts):
 
   name: str = "custom"
 
-  def __post_init__(self):
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-
-  @property
-  def query_scale(self) -> float:
-    """What queries are multiplied by before the q.k product."""
-    scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
-    return float(scalar) ** -0.5
-
-  @property
-  def queries_per_kv_head(self) -> int:
-    return self.num_heads // self.num_kv_heads
-
   def is_global(self, layer: int) -> bool:
     """Whether block ``layer`` attends globally (odd layers; even ones use the window)."""
     return layer % 2 == 1
-
-  def shape_signature(self) -> dict[str, int]:
-    """The sizes a checkpoint's tensor shapes determine (vocab excluded: it varies)."""
-    return dict(num_layers=self.num_layers, d_model=self.d_model, num_heads=self.num_heads,
-                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                hidden_dim=self.hidden_dim)
-
-  def replace(self, **changes) -> "Gemma2Config":
-    return dataclasses.replace(self, **changes)
 
   @classmethod
   def from_hf_config(cls, hf: dict, source: str = "config.json") -> "Gemma2Config":

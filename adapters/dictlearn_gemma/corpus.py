@@ -125,3 +125,20 @@ def default_corpus() -> tuple[str, list[str]]:
   if DEBIAN_LICENSES.is_dir() and _files(DEBIAN_LICENSES):
     return str(DEBIAN_LICENSES), list(documents(DEBIAN_LICENSES))
   return "pydoc", pydoc_documents()
+
+
+def from_argument(arg: str | None) -> tuple[str, object]:
+  """``(name, corpus)`` for a command's ``--corpus``: None or "" the default corpus, "pydoc"
+  Python's reference text, else a folder or file path.
+
+  Raises:
+    FileNotFoundError: a path that does not exist (the message names what may be given).
+  """
+  if arg in (None, ""):
+    return default_corpus()
+  if arg == "pydoc":
+    return "pydoc", pydoc_documents()
+  if not Path(arg).exists():
+    raise FileNotFoundError(f"--corpus {arg} does not exist (a folder of text files, a file, "
+                            "or 'pydoc')")
+  return arg, arg

@@ -61,6 +61,22 @@ def _tokenizer_or_warn(path: str | None, where: str) -> Tokenizer | None:
   return None
 
 
+
+def _local_path(source, what: str) -> str:
+  """The local path of ``source``, a ``kaggle:`` handle downloaded first.
+
+  Raises:
+    FileNotFoundError: nothing at the path.
+  """
+  if isinstance(source, str) and source.startswith(KAGGLE_PREFIX):
+    source = _kaggle_download(source[len(KAGGLE_PREFIX):])
+  path = os.fspath(source)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no {what} checkpoint at {path!r} (expected a .gguf file, a "
+                            "safetensors folder, an orbax checkpoint folder, or kaggle:<handle>)")
+  return path
+
+
 def load_params(source: str | os.PathLike) -> tuple[dict[str, Any], Tokenizer | None]:
   """(canonical param tree, tokenizer or None) from any supported source; see module doc.
 
@@ -80,12 +96,7 @@ def load_params(source: str | os.PathLike) -> tuple[dict[str, Any], Tokenizer | 
     ValueError: not a Gemma 3 checkpoint, missing tensors, or GGUF tensor types that
       cannot be dequantized.
   """
-  if isinstance(source, str) and source.startswith(KAGGLE_PREFIX):
-    source = _kaggle_download(source[len(KAGGLE_PREFIX):])
-  path = os.fspath(source)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no Gemma 3 checkpoint at {path!r} (expected a .gguf file, a "
-                            "safetensors folder, an orbax checkpoint folder, or kaggle:<handle>)")
+  path = _local_path(source, "Gemma 3")
   if _is_gguf(path):
     from dictlearn_gemma.load_gguf import load_gguf_params
 
@@ -146,12 +157,7 @@ def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None
     FileNotFoundError, ValueError: as ``load_params``; also a Gemma 1 checkpoint, or a
       Gemma 2 one whose config cannot be found.
   """
-  if isinstance(source, str) and source.startswith(KAGGLE_PREFIX):
-    source = _kaggle_download(source[len(KAGGLE_PREFIX):])
-  path = os.fspath(source)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no Gemma checkpoint at {path!r} (expected a .gguf file, a "
-                            "safetensors folder, an orbax checkpoint folder, or kaggle:<handle>)")
+  path = _local_path(source, "Gemma")
   if _is_gguf(path):
     from dictlearn_gemma.load_gguf import gguf_gemma2_config, gguf_to_gemma_params, read_gguf
 

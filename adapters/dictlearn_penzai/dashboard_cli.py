@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
                   help="a dictionary folder (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
                   "'pydoc' (default: /usr/share/common-licenses, else pydoc)")
-  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=200_000, help="non-padding tokens to read")
   ap.add_argument("--latents", help="which latents: 'start:stop', 'i', 'i,j,k' or 'all' "
                   "(default: the first 200)")
@@ -76,20 +76,15 @@ def main(argv=None, *, loaded=None) -> int:
          args.batch_size, args.tokens - 1) < 1:
     return _fail("--k, --quantiles, --examples-per-quantile and --batch-size must be >= 1, "
                  "--seq-len and --tokens >= 2")
-  if args.corpus in (None, ""):
-    corpus_name, corpus = C.default_corpus()
-  elif args.corpus == "pydoc":
-    corpus_name, corpus = "pydoc", C.pydoc_documents()
-  elif not Path(args.corpus).exists():
-    return _fail(f"--corpus {args.corpus} does not exist (a folder of text files, a file, "
-                 "or 'pydoc')")
-  else:
-    corpus_name, corpus = args.corpus, args.corpus
+  try:
+    corpus_name, corpus = C.from_argument(args.corpus)
+  except FileNotFoundError as e:
+    return _fail(str(e))
   if loaded is None:
     if args.model and not args.model.startswith("kaggle:") and not Path(args.model).exists():
       return _fail(f"no model at {args.model}")
-    from dictlearn_penzai.loading import load_gemma3
-    loaded = load_gemma3(args.model or default_model())
+    from dictlearn_penzai.loading import load_gemma
+    loaded = load_gemma(args.model or default_model())
   model, tok = loaded
   try:
     hooks.read_write_sites(model, d)

@@ -151,15 +151,10 @@ def main(argv=None) -> int:
       dicts.append(dl.load(ref))
     except (FileNotFoundError, ValueError) as e:
       return _fail(f"cannot load the dictionary {ref!r}: {e}")
-  if args.corpus in (None, ""):
-    corpus_name, corpus = C.default_corpus()
-  elif args.corpus == "pydoc":
-    corpus_name, corpus = "pydoc", C.pydoc_documents()
-  elif not Path(args.corpus).exists():
-    return _fail(f"--corpus {args.corpus} does not exist (a folder of text files, a file, "
-                 "or 'pydoc')")
-  else:
-    corpus_name, corpus = args.corpus, args.corpus
+  try:
+    corpus_name, corpus = C.from_argument(args.corpus)
+  except FileNotFoundError as e:
+    return _fail(str(e))
   model_path = args.model or default_model()
   if args.model and not args.model.startswith("kaggle:") and not Path(args.model).exists():
     return _fail(f"no model at {args.model}")

@@ -46,6 +46,7 @@ from penzai.models.transformer.variants import llamalike_common as llc
 from dictlearn_gemma.config import Gemma2Config
 from dictlearn_gemma.params import (
     PREFIX, layer_prefix, normalize_gemma_params, resolve_gemma2_config)
+from dictlearn_penzai.gemma3_model import qkv_weights
 from dictlearn_penzai.hookpoint import HookPoint
 
 
@@ -97,13 +98,7 @@ def _block_params(i: int, p: Mapping[str, Any], config: Gemma2Config, dt) -> dic
   out["mlp/value_linear.weights"] = _named(gating[1], ("neurons", "embedding"), dt)
   out["mlp/out_linear.weights"] = _named(p[pre + "mlp/linear/w"], ("neurons", "embedding"), dt)
 
-  if pre + "attn/qkv_einsum/w" in p:
-    qkv = np.asarray(p[pre + "attn/qkv_einsum/w"])
-    wq, wk, wv = qkv[0], qkv[1], qkv[2]
-  else:
-    wq = np.asarray(p[pre + "attn/q_einsum/w"])
-    kv = np.asarray(p[pre + "attn/kv_einsum/w"])
-    wk, wv = kv[0], kv[1]
+  wq, wk, wv = qkv_weights(p, pre + "attn/")
   wo = np.asarray(p[pre + "attn/attn_vec_einsum/w"])  # (N, H, D)
   # Query head n = g * m + q (kv group g): the flax reshape and transformers' repeat_kv.
   if m == 1:

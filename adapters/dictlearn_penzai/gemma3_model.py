@@ -160,18 +160,22 @@ def _split_heads(w: np.ndarray, config: Gemma3Config, tail: tuple[str, ...]):
   return w.reshape(shape), (*common, *q_only, *tail)
 
 
+def qkv_weights(p: Mapping[str, Any], pre: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(q, k, v) einsum weights of the attention under ``pre`` (".../attn/"): one stacked
+  ``qkv_einsum`` (multi-head checkpoints) or ``q_einsum`` + ``kv_einsum``."""
+  if pre + "qkv_einsum/w" in p:
+    qkv = np.asarray(p[pre + "qkv_einsum/w"])
+    return qkv[0], qkv[1], qkv[2]
+  kv = np.asarray(p[pre + "kv_einsum/w"])
+  return np.asarray(p[pre + "q_einsum/w"]), kv[0], kv[1]
+
+
 def _attention(i: int, p: Mapping[str, Any], config: Gemma3Config, dt, act, norm_dt):
   name = f"transformer/block_{i}/attention"
   pre = layer_prefix(i) + "attn/"
   common, q_only = _head_axes(config)
   k = config.num_kv_heads
-  if pre + "qkv_einsum/w" in p:
-    qkv = np.asarray(p[pre + "qkv_einsum/w"])
-    wq, wk, wv = qkv[0], qkv[1], qkv[2]
-  else:
-    wq = np.asarray(p[pre + "q_einsum/w"])
-    kv = np.asarray(p[pre + "kv_einsum/w"])
-    wk, wv = kv[0], kv[1]
+  wq, wk, wv = qkv_weights(p, pre)
   wq, q_axes = _split_heads(wq, config, ("embedding", "projection"))
   if k == 1:
     wk, wv, kv_axes = wk[0], wv[0], ("embedding", "projection")
