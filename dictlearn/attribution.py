@@ -68,12 +68,16 @@ class LinearizableModel:
       function): it is static under jit.
     unembedding: (vocab, d): ``logits = final @ unembedding.T``.
     n_layers: number of blocks.
+    logit_soft_cap: Gemma 2's final ``cap * tanh(logits / cap)`` (None: none). Logit nodes
+      and ``intervene``'s logits are the logits before it (the linear part the graph
+      decomposes); the targets' probabilities are the model's, after it.
   """
 
   params: Any
   forward: Callable
   unembedding: Array
   n_layers: int
+  logit_soft_cap: float | None = None
 
 
 # ------------------------------------------------------------------ transcoders
@@ -379,11 +383,15 @@ def _clt_rows(w_dec, layers, latents, scale, *, target_layer):
 
 
 def salient_logits(logits: Array, unembedding: Array, *, max_n_logits: int,
-                   desired_logit_prob: float):
+                   desired_logit_prob: float, soft_cap: float | None = None):
   """(token ids, probabilities, demeaned unembedding vectors (n, d)) of the target logits:
   the most probable next tokens until their cumulative probability reaches
-  ``desired_logit_prob`` (that one included), at most ``max_n_logits``."""
-  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32)))
+  ``desired_logit_prob`` (that one included), at most ``max_n_logits``. ``logits`` (vocab,)
+  come before the soft-cap ``soft_cap`` (if any), which the probabilities then apply."""
+  logits = jnp.asarray(logits, jnp.float32)
+  if soft_cap is not None:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  probs = np.asarray(jax.nn.softmax(logits))
   order = np.argsort(-probs, kind="stable")[:max_n_logits]
   top = probs[order]
   cutoff = int(np.searchsorted(np.cumsum(top), desired_logit_prob)) + 1
@@ -483,7 +491,8 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   n_active = len(feats[0])
   logit_ids, logit_p, logit_vecs = salient_logits(
       matmul(np.asarray(clean.final)[n_pos - 1], jnp.asarray(model.unembedding).T),
-      model.unembedding, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob)
+      model.unembedding, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
+      soft_cap=model.logit_soft_cap)
   n_logits = len(logit_ids)
   consts, slot = _constants(rep, x0, clean, acts, feats, logit_vecs, n_real=n_pos,
                             pad=pad_shapes)
@@ -590,7 +599,8 @@ class Intervention:
   """What ``intervene`` returns.
 
   Attributes:
-    logits: (n_pos, vocab) after the edit.
+    logits: (n_pos, vocab) after the edit (before a Gemma 2 soft-cap: see
+      ``LinearizableModel.logit_soft_cap``).
     pre_activations: per layer, (n_pos, width) of every latent (None where a layer has no
       transcoder), after the edit.
     clean_logits, clean_pre_activations: the same without it.

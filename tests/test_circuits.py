@@ -12,31 +12,64 @@ from dictlearn_penzai import init_gemma_params, splice
 TOKENS = np.array([2, 17, 93, 5, 250, 41, 8])
 
 
+def _random_transcoders(n_layers, d_model):
+  tcs = {}
+  for layer in range(n_layers):
+    k1, k2 = jax.random.split(jax.random.key(layer))
+    t = dictlearn.random_dictionary(k1, d_model, 32, kind="transcoder", affine=True,
+                                    threshold=0.2)
+    tcs[layer] = t.replace(w_enc=jax.random.normal(k2, t.w_enc.shape) / 4,
+                           w_skip=0.05 * jax.random.normal(k2, t.w_skip.shape))
+  return tcs
+
+
 @pytest.fixture(scope="module")
 def tiny():
   config = get_preset("tiny")
   model = from_gemma_params(init_gemma_params(config, 0), preset=config)
-  tcs = {}
-  for layer in range(config.num_layers):
-    k1, k2 = jax.random.split(jax.random.key(layer))
-    t = dictlearn.random_dictionary(k1, config.d_model, 32, kind="transcoder", affine=True,
-                                    threshold=0.2)
-    tcs[layer] = t.replace(w_enc=jax.random.normal(k2, t.w_enc.shape) / 4,
-                           w_skip=0.05 * jax.random.normal(k2, t.w_skip.shape))
-  return model, tcs
+  return model, _random_transcoders(config.num_layers, config.d_model)
 
 
-def test_the_linearized_model_reproduces_the_models_logits(tiny):
-  model, _ = tiny
+@pytest.fixture(scope="module")
+def tiny_gemma2(tmp_path_factory):
+  """The tiny random Gemma 2 of test_gemma2 (attention and final logit soft-caps 5 and 8)."""
+  import gemma2_tiny
+  from dictlearn_penzai import load_gemma
+  with pytest.warns(UserWarning, match="no tokenizer.model"):
+    model = load_gemma(gemma2_tiny.write_folder(tmp_path_factory.mktemp("g2") / "tiny"))[0]
+  return model, _random_transcoders(4, 64)
+
+
+@pytest.fixture(params=["gemma3", "gemma2"])
+def tiny_any(request):
+  return request.getfixturevalue("tiny" if request.param == "gemma3" else "tiny_gemma2")
+
+
+def test_the_linearized_model_reproduces_the_models_logits(tiny_any):
+  model, _ = tiny_any
   lin = circuits.linearizable(model)
   final = lin.model.forward(lin.model.params, lin.embeddings(TOKENS),
                             lambda layer, h, real: real(h))
+  logits = final @ lin.model.unembedding.T
+  cap = lin.model.logit_soft_cap
+  assert (cap is None) == (lin.family == "gemma3")
+  if cap is not None:  # Gemma 2: the linear part is the logits before the soft-cap.
+    logits = cap * np.tanh(logits / cap)
   want = np.asarray(forward_logits(model, TOKENS[None]))[0]
-  np.testing.assert_allclose(final @ lin.model.unembedding.T, want, atol=2e-4, rtol=1e-4)
+  np.testing.assert_allclose(logits, want, atol=2e-4, rtol=1e-4)
 
 
-def test_graph_edges_are_what_frozen_ablations_change(tiny):
-  model, tcs = tiny
+def test_target_probabilities_are_the_models(tiny_any):
+  model, tcs = tiny_any
+  g = circuits.attribute(model, TOKENS, tcs, max_n_logits=4, desired_logit_prob=0.99,
+                         progress=False)
+  probs = np.asarray(jax.nn.softmax(forward_logits(model, TOKENS[None])[0, -1]))
+  np.testing.assert_array_equal(g.logit_tokens, np.argsort(-probs)[:len(g.logit_tokens)])
+  np.testing.assert_allclose(g.logit_probabilities, probs[g.logit_tokens], rtol=1e-4)
+
+
+def test_graph_edges_are_what_frozen_ablations_change(tiny_any):
+  model, tcs = tiny_any
   g = circuits.attribute(model, TOKENS, tcs, max_n_logits=3, progress=False)
   n_sel, n_logits = len(g.selected_features), len(g.logit_tokens)
   assert n_sel > 20
@@ -46,15 +79,17 @@ def test_graph_edges_are_what_frozen_ablations_change(tiny):
     r = circuits.intervene(model, tcs, TOKENS, {(layer, pos, lat): 0.0})
     got = np.array([r.pre_activations[l][p, k] - r.clean_pre_activations[l][p, k]
                     for l, p, k in targets])
-    scale = np.abs(g.adjacency[:n_sel, s]).max() + 1e-6
-    np.testing.assert_allclose(got, -g.adjacency[:n_sel, s], atol=1e-4 * scale + 1e-6)
+    # float32 noise: 1e-4 of the source's largest edge, and 1e-5 for a source whose
+    # only edges are into logits (a last-layer feature).
+    tol = 1e-4 * np.abs(g.adjacency[:, s]).max() + 1e-5
+    np.testing.assert_allclose(got, -g.adjacency[:n_sel, s], atol=tol)
     dl = r.logits[-1] - r.clean_logits[-1]
     np.testing.assert_allclose((dl - dl.mean())[g.logit_tokens],
-                               -g.adjacency[-n_logits:, s], atol=1e-4 * scale + 1e-6)
+                               -g.adjacency[-n_logits:, s], atol=tol)
 
 
-def test_unfrozen_edits_run_the_real_model(tiny):
-  model, tcs = tiny
+def test_unfrozen_edits_run_the_real_model(tiny_any):
+  model, tcs = tiny_any
   g = circuits.attribute(model, TOKENS, tcs, max_n_logits=2, progress=False)
   layer, pos, lat = (int(v) for v in g.active_features[-1])
   a = float(g.activation_values[-1])
@@ -87,9 +122,11 @@ def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
     t = dictlearn.random_dictionary(k1, 640, 32, kind="transcoder", meta=meta)
     t = t.replace(w_enc=jax.random.normal(k2, (640, 32)) / 25, threshold=jnp.full((32,), 1.0))
     dictlearn.save(t, tmp_path / "tc" / f"layer_{layer}")
-  # Dashboard pages (as `dictlearn dashboard --scan tc` names them) for the even feature ids.
+  # Dashboard pages (as `dictlearn dashboard --scan tc` names them) for the even feature ids,
+  # in two folders.
   for feature in range(0, 2000, 2):
-    page = tmp_path / "dash" / dashboards.feature_file({"feature": feature}, "tc")
+    folder = tmp_path / "dash" / ("a" if feature % 4 else "b")
+    page = folder / dashboards.feature_file({"feature": feature}, "tc")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.with_suffix(".html").write_text("page")
   out = tmp_path / "out" / "graph.html"
@@ -97,7 +134,8 @@ def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
   prompt = "<script>alert(1)</script> The capital of France is"
   assert circuit_cli.main(["--prompt", prompt, "--transcoders", str(tmp_path / "tc"),
                            "--out", str(out), "--max-n-logits", "3", "--node-threshold", "0.99",
-                           "--dashboards", str(tmp_path / "dash")]) == 0
+                           "--dashboards", str(tmp_path / "dash" / "a"),
+                           str(tmp_path / "dash" / "b")]) == 0
   page = out.read_text()
   assert "<script>alert(1)" not in page and "France" in page
   data = json.loads(out.with_suffix(".json").read_text())

@@ -14,12 +14,12 @@ self-contained HTML page (``--out``) and in the circuit-tracer / Neuronpedia JSO
 
 Feature pages: the graph's ``metadata.scan`` names the transcoder set (``--scan``; default
 the ``--transcoders`` folder's name, or ``<model>-replacement``). Give the same name to
-``dictlearn dashboard --scan`` for each layer's transcoder, writing into one folder, and
-pass that folder as ``--dashboards``: each feature node whose page exists links to it
+``dictlearn dashboard --scan`` for each layer's transcoder, and pass the folders it
+wrote as ``--dashboards``: each feature node whose page exists links to it
 (click a node in the page, or circuit-tracer's frontend reading ``features/<scan>/``)::
 
-  dictlearn dashboard --dictionary tc/layer_3 --scan tc --corpus C --out dash/
-  dictlearn circuit --prompt "..." --transcoders tc/ --dashboards dash/ --out graph.html
+  dictlearn dashboard --dictionary tc/layer_3 --scan tc --corpus C --out dash/layer_3
+  dictlearn circuit --prompt "..." --transcoders tc/ --dashboards dash/layer_* --out graph.html
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--npz", help="also save the full, unpruned graph here")
   ap.add_argument("--scan", help="the transcoder set's name in the graph file (default: the "
                                  "--transcoders folder's name, or <model>-replacement)")
-  ap.add_argument("--dashboards", help="a folder `dictlearn dashboard --scan <scan>` wrote: "
-                                       "link each feature node to its page there")
-  ap.add_argument("--model", help="GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
+  ap.add_argument("--dashboards", nargs="+", default=[],
+                  help="folders `dictlearn dashboard --scan <scan>` wrote (e.g. one a layer): "
+                       "link each feature node to its page there")
+  ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma "
+                                  "checkpoint (default: the 270M)")
   ap.add_argument("--max-n-logits", type=int, default=10)
   ap.add_argument("--desired-logit-prob", type=float, default=0.95)
   ap.add_argument("--max-feature-nodes", type=int, default=None)
@@ -106,7 +108,7 @@ def add_logit_lens(data: dict, transcoders, unembedding, tokenizer):
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   from dictlearn import dashboards
-  from dictlearn_penzai.loading import load_gemma3
+  from dictlearn_penzai.loading import load_gemma
 
   model_name = Path(args.model).stem if args.model else "gemma-3-270m"
   scan = args.scan or (Path(args.transcoders).resolve().name if args.transcoders
@@ -115,15 +117,16 @@ def main(argv=None) -> int:
     dashboards.feature_file({"feature": 0}, scan)
   except ValueError as e:
     raise SystemExit(f"--scan: {e}") from e
-  if args.dashboards and not Path(args.dashboards, "features").is_dir():
-    raise SystemExit(f"--dashboards: {args.dashboards} has no features/ folder; write it with "
-                     f"`dictlearn dashboard --scan {scan} --out {args.dashboards}`")
+  for folder in args.dashboards:
+    if not Path(folder, "features").is_dir():
+      raise SystemExit(f"--dashboards: {folder} has no features/ folder; write it with "
+                       f"`dictlearn dashboard --scan {scan} --out {folder}`")
 
   try:
     transcoders = load_transcoders(args.transcoders) if args.transcoders else None
   except DictionaryFileError as e:
     raise SystemExit(f"--transcoders: {e}") from e
-  model, tokenizer = load_gemma3(args.model or default_model(), dtype=jnp.float32)
+  model, tokenizer = load_gemma(args.model or default_model(), dtype=jnp.float32)
   if transcoders is None:
     from dictlearn_gemma.corpus import default_corpus
     from dictlearn_penzai.replacement import default_transcoders
@@ -144,8 +147,8 @@ def main(argv=None) -> int:
                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
   add_logit_lens(data, transcoders, lin.model.unembedding, tokenizer)
   out = Path(args.out)
-  linked = (dashboards.link_graph(data, args.dashboards, relative_to=out.resolve().parent)
-            if args.dashboards else 0)
+  linked = sum(dashboards.link_graph(data, folder, relative_to=out.resolve().parent)
+               for folder in args.dashboards)
   json_path = Path(args.json) if args.json else out.with_suffix(".json")
   json_path.write_text(json.dumps(data))
   graph_view.write_graph_html(data, out)
@@ -154,6 +157,7 @@ def main(argv=None) -> int:
         f"replacement score {replacement:.3f}, completeness {completeness:.3f}")
   if args.dashboards:
     n_features = sum(n["feature_type"] == graphs.FEATURE for n in data["nodes"])
-    print(f"{linked} of {n_features} feature nodes link to pages in {args.dashboards}")
+    print(f"{linked} of {n_features} feature nodes link to pages in "
+          f"{', '.join(args.dashboards)}")
   print(f"wrote {out} and {json_path}")
   return 0

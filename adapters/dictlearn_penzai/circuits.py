@@ -1,4 +1,4 @@
-"""Attribution graphs and graph-checking interventions on a penzai Gemma 3.
+"""Attribution graphs and graph-checking interventions on a penzai Gemma 3 or Gemma 2.
 
 The definitions and the row computations are in ``dictlearn.attribution``; what is
 penzai's lives here: finding the blocks, freezing attention patterns and norm scales with
@@ -131,6 +131,7 @@ class Linearized:
 
   model: attribution.LinearizableModel
   embed: Any
+  family: str = "gemma3"
 
   def embeddings(self, tokens) -> jax.Array:
     """(n_pos, d) float32 scaled embeddings of token ids (n_pos,)."""
@@ -139,14 +140,20 @@ class Linearized:
 
 
 def linearizable(model) -> Linearized:
-  """Splits a model from ``from_gemma_params`` (hooks removed) for ``dictlearn.attribution``."""
+  """Splits a Gemma 3 (``from_gemma_params``) or Gemma 2 (``from_gemma2_params``), hooks
+  removed, for ``dictlearn.attribution``. Gemma 2's attention soft-cap sits before the
+  frozen softmax, and its final logit soft-cap becomes ``logit_soft_cap``."""
   model = remove_hooks(model)
   body = list(model.body.sublayers)
+  cap = None
+  if body and isinstance(body[-1], pz.nn.TanhSoftCap):
+    cap = float(body.pop().soft_cap)
   at = [i for i, s in enumerate(body) if isinstance(s, model_parts.TransformerBlock)]
   if not at or not isinstance(body[-1], pz.nn.EmbeddingDecode) or at != list(
       range(at[0], at[-1] + 1)):
     raise ValueError("attribution needs a Gemma model from dictlearn_penzai.from_gemma_params "
-                     "(embedding, transformer blocks, final norm, tied unembedding)")
+                     "or from_gemma2_params (embedding, transformer blocks, final norm, tied "
+                     "unembedding, optional logit soft-cap)")
   blocks = tuple(_split_block(i, body[j]) for i, j in enumerate(at))
   final_norm = pz.nn.Sequential(body[at[-1] + 1:-1])
   params = pz.freeze_params(_freeze_layers((blocks, final_norm)))
@@ -155,8 +162,9 @@ def linearizable(model) -> Linearized:
   unembedding = table.unwrap("vocabulary", "embedding")
   embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
   core = attribution.LinearizableModel(params=params, forward=_run_blocks,
-                                       unembedding=unembedding, n_layers=len(blocks))
-  return Linearized(model=core, embed=embed)
+                                       unembedding=unembedding, n_layers=len(blocks),
+                                       logit_soft_cap=cap)
+  return Linearized(model=core, embed=embed, family="gemma2" if cap is not None else "gemma3")
 
 
 def _linearized(model) -> Linearized:
@@ -182,8 +190,8 @@ def attribute(model, tokens, transcoders, *, max_n_logits: int = 10,
   definitions; see ``dictlearn.attribution``).
 
   Args:
-    model: a Gemma 3 from ``from_gemma_params`` / ``load_gemma3`` (hooks are ignored), or
-      its ``linearizable(model)`` when several calls share one.
+    model: a Gemma 3 or Gemma 2 from ``load_gemma`` (hooks are ignored), or its
+      ``linearizable(model)`` when several calls share one.
     tokens: the prompt's token ids (seq,), BOS first.
     transcoders: mapping layer -> ``dictlearn.Transcoder`` (a missing layer is all error),
       or a ``dictlearn.CrossLayerTranscoder``.
@@ -197,7 +205,7 @@ def attribute(model, tokens, transcoders, *, max_n_logits: int = 10,
   """
   lin = _linearized(model)
   ids = _token_ids(tokens)
-  meta = {"model": "gemma3", **(metadata or {})}
+  meta = {"model": lin.family, **(metadata or {})}
   return attribution.attribute(
       lin.model, lin.embeddings(ids), ids, transcoders, max_n_logits=max_n_logits,
       desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes,
