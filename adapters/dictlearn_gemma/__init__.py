@@ -14,6 +14,10 @@ Modules:
                     ``load_checkpoint(source)`` also reads Gemma 2 and says which it is
   corpus            text corpora (folders, files, strings, ``datasets``) cut into token
                     sequences with BOS first, for harvesting and evals
+  image_preprocess  images -> SigLIP pixels, as transformers' Gemma3ImageProcessor (Pillow)
+  vision            ``SiglipConfig``; SigLIP and the multimodal projector in JAX
+                    (``encode_images``) for the 4B+ vision-language models
+  load_vision       their vision weights from safetensors or flax/orbax (``load_vision``)
 
 Nothing here imports a neural-network framework; ``dictlearn_penzai.load_gemma3`` builds a
 penzai model from ``load_params``' tree. Needs the ``gemma`` extra:

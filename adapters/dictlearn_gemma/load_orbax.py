@@ -61,6 +61,12 @@ def find_tokenizer(checkpoint: str) -> str | None:
 
 def load_orbax_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   """Canonical params (numpy, checkpoint dtype) from an orbax Gemma checkpoint folder."""
+  return normalize_gemma_params(read_orbax_tree(folder))
+
+
+def read_orbax_tree(folder: str | os.PathLike) -> dict:
+  """The restored tree of an orbax Gemma checkpoint folder (numpy), as saved: text and, for
+  4B+, the vision tensors (``dictlearn_gemma.load_vision`` reads those)."""
   try:
     import orbax.checkpoint as ocp
   except ImportError as e:
@@ -81,4 +87,4 @@ def load_orbax_params(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     raise ValueError(f"could not restore the orbax checkpoint {path!r}: {e}") from e
   if not isinstance(tree, dict):
     raise ValueError(f"{path!r} does not hold a parameter dict (got {type(tree).__name__})")
-  return normalize_gemma_params(tree)
+  return tree

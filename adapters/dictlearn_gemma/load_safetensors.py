@@ -44,6 +44,8 @@ def text_model_name(name: str) -> str | None:
     if name.startswith(old):
       name = new + name[len(old):]
       break
+  if name.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+    return None  # Newer multimodal checkpoints: vision is dictlearn_gemma.load_vision's.
   return name if name.startswith("model.") else None
 
 
@@ -118,7 +120,8 @@ def hf_to_gemma_params(tensors: Mapping[str, Any], *, norm_offset: float = 0.0,
   return out
 
 
-def _safetensors_files(folder: str) -> list[str]:
+def safetensors_files(folder: str) -> list[str]:
+  """The .safetensors files of a folder: those its index names, else every one in it."""
   index = os.path.join(folder, "model.safetensors.index.json")
   if os.path.isfile(index):
     with open(index) as f:
@@ -169,7 +172,7 @@ def read_safetensors_tensors(folder: str | os.PathLike) -> tuple[dict[str, np.nd
   else:
     if not os.path.isdir(folder):
       raise FileNotFoundError(f"no safetensors folder at {folder!r}")
-    files, source = _safetensors_files(folder), folder
+    files, source = safetensors_files(folder), folder
     if not files:
       raise FileNotFoundError(f"no .safetensors files in {folder!r}")
   tensors = {}

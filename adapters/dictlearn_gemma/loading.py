@@ -24,11 +24,14 @@ import warnings
 from typing import Any
 
 from dictlearn_gemma.config import Gemma2Config, get_gemma2_preset
-from dictlearn_gemma.load_orbax import find_checkpoint, find_tokenizer, load_orbax_params
+from dictlearn_gemma.load_orbax import (
+    find_checkpoint, find_tokenizer, load_orbax_params, read_orbax_tree)
 from dictlearn_gemma.load_safetensors import (
     GEMMA2_MODEL_TYPES, hf_to_gemma_params, load_gemma2_safetensors_params,
     load_safetensors_params, read_hf_config, read_safetensors_tensors)
-from dictlearn_gemma.params import architecture_of, resolve_gemma2_config
+from dictlearn_gemma.load_vision import (
+    VisionCheckpoint, flax_to_vision_params, has_vision, load_hf_vision, vision_from_flax_tree)
+from dictlearn_gemma.params import architecture_of, normalize_gemma_params, resolve_gemma2_config
 from dictlearn_gemma.tokenizer import Tokenizer
 
 KAGGLE_PREFIX = "kaggle:"
@@ -131,16 +134,20 @@ class GemmaCheckpoint:
     tokenizer: a ``Tokenizer``, or None (with a warning) when none is found.
     config: the ``Gemma2Config`` for Gemma 2 (from config.json, GGUF metadata, or the
       preset the shapes match); None for Gemma 3, whose size the shapes give.
+    vision: Gemma 3 4B+ only: the SigLIP encoder and projector (``dictlearn_gemma.
+      load_vision``) when the safetensors or orbax checkpoint holds them and ``vision`` was
+      asked for; None otherwise (GGUF files keep vision in a separate mmproj file).
   """
 
   architecture: str
   params: dict[str, Any]
   tokenizer: Tokenizer | None
   config: Gemma2Config | None = None
+  vision: VisionCheckpoint | None = None
 
 
-def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None = None
-                    ) -> GemmaCheckpoint:
+def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None = None,
+                    *, vision: bool = False) -> GemmaCheckpoint:
   """Reads a Gemma 3 or Gemma 2 checkpoint of any supported format, telling them apart.
 
   Gemma 2 is recognised by config.json (``model_type`` "gemma2"), by GGUF
@@ -152,6 +159,7 @@ def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None
     config: Gemma 2 only: a ``Gemma2Config`` or preset name ("2b", "9b", "27b") for sources
       that do not carry one (a flax tree of a custom size, a lone .safetensors file);
       checked against the shapes. None: from the files, else the preset of these shapes.
+    vision: also read the vision weights of a Gemma 3 4B+ checkpoint (``.vision``).
 
   Raises:
     FileNotFoundError, ValueError: as ``load_params``; also a Gemma 1 checkpoint, or a
@@ -181,19 +189,25 @@ def load_checkpoint(source: str | os.PathLike, config: str | Gemma2Config | None
       params, found = load_gemma2_safetensors_params(path)
       return GemmaCheckpoint("gemma2", params, tokenizer,
                              resolve_gemma2_config(params, config or found))
+    seen = (load_hf_vision(folder) if vision and os.path.isdir(path) and has_vision(path)
+            else None)
     if model_type is not None:  # config.json names Gemma 3 (or another model: an error).
-      return GemmaCheckpoint("gemma3", load_safetensors_params(path), tokenizer)
+      return GemmaCheckpoint("gemma3", load_safetensors_params(path), tokenizer, vision=seen)
     tensors, where = read_safetensors_tensors(path)
     if "model.layers.0.self_attn.q_norm.weight" in tensors or config is None:
-      return GemmaCheckpoint("gemma3", hf_to_gemma_params(tensors, source=where), tokenizer)
+      return GemmaCheckpoint("gemma3", hf_to_gemma_params(tensors, source=where), tokenizer,
+                             vision=seen)
     # No config.json and no QK-norm: Gemma 2 described by the caller's config.
     cfg = get_gemma2_preset(config)
     params = hf_to_gemma_params(tensors, source=where, gemma2_head_dim=cfg.head_dim)
     return GemmaCheckpoint("gemma2", params, tokenizer, resolve_gemma2_config(params, cfg))
-  params = load_orbax_params(path)
+  tree = read_orbax_tree(path)  # Once: text and vision come from the same restore.
+  params = normalize_gemma_params(tree)
   tokenizer = _tokenizer_or_warn(find_tokenizer(find_checkpoint(path)), path)
   arch = architecture_of(params)
   if arch == "gemma2":
     return GemmaCheckpoint("gemma2", params, tokenizer, resolve_gemma2_config(params, config))
-  return GemmaCheckpoint("gemma3", params, tokenizer)
+  seen = (vision_from_flax_tree(tree, source=path)
+          if vision and flax_to_vision_params(tree) else None)
+  return GemmaCheckpoint("gemma3", params, tokenizer, vision=seen)
 

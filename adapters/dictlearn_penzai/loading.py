@@ -52,7 +52,8 @@ def load_gemma3(source: str | os.PathLike, *, preset: str | Gemma3Config = "auto
 
 
 def load_gemma(source: str | os.PathLike, *, config: str | Gemma3Config | Gemma2Config = "auto",
-               dtype: Any = jnp.float32, activation_dtype: Any = jnp.float32):
+               dtype: Any = jnp.float32, activation_dtype: Any = jnp.float32,
+               vision: bool = True):
   """Loads a Gemma 3 or Gemma 2 text model and its tokenizer, telling them apart by the files.
 
   Gemma 2 is recognised by config.json ``model_type`` "gemma2" (``Gemma2ForCausalLM``),
@@ -65,6 +66,9 @@ def load_gemma(source: str | os.PathLike, *, config: str | Gemma3Config | Gemma2
     config: "auto" (from the files and shapes), a preset name, a ``Gemma3Config`` or a
       ``Gemma2Config`` (needed for a Gemma 2 flax tree of a custom size).
     dtype, activation_dtype: as ``load_gemma3``.
+    vision: for a Gemma 3 4B+ safetensors or orbax checkpoint with vision weights, attach
+      them (``dictlearn_penzai.vision.attach_vision``): the same text model, which also
+      reads images through ``vision.prepare``. False: the text model alone.
 
   Returns:
     ``(model, tokenizer)``: a penzai ``TransformerLM`` with HookPoints at every site, and a
@@ -76,7 +80,7 @@ def load_gemma(source: str | os.PathLike, *, config: str | Gemma3Config | Gemma2
   """
   auto = isinstance(config, str) and config.lower() == "auto"
   ckpt = load_checkpoint(source, config=None if auto or isinstance(config, Gemma3Config)
-                         else config)
+                         else config, vision=vision)
   if ckpt.architecture == "gemma2":
     if isinstance(config, Gemma3Config):
       raise ValueError(f"{os.fspath(source)!r} holds a Gemma 2 model; config is a Gemma3Config")
@@ -87,4 +91,8 @@ def load_gemma(source: str | os.PathLike, *, config: str | Gemma3Config | Gemma2
       raise ValueError(f"{os.fspath(source)!r} holds a Gemma 3 model; config is a Gemma2Config")
     model = from_gemma_params(ckpt.params, preset=config, dtype=dtype,
                               activation_dtype=activation_dtype)
+    if ckpt.vision is not None:
+      from dictlearn_penzai.vision import attach_vision
+
+      model = attach_vision(model, ckpt.vision, dtype=dtype)
   return model, ckpt.tokenizer

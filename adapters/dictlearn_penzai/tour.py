@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
                   help="steering strength, in units of each token's residual norm (0.1 changes the topic; 0.3 already breaks the text)")
   ap.add_argument("--site", help="site of the SAE, e.g. resid_post.9 (default: its metadata)")
   ap.add_argument("--new-tokens", type=int, default=24)
+  ap.add_argument("--image", help="an image file: the image tour on a Gemma 3 4B+ (--model) "
+                  "instead, the SAE's top latents on the image's tokens")
+  ap.add_argument("--image-prompt", default="Describe this image.",
+                  help="text after the image (a <start_of_image> in it places the image)")
   ap.add_argument("--out", default="dictlearn-tour.html", help="the HTML report")
   ap.add_argument("--seed", type=int, default=0)
   return ap
@@ -103,6 +107,15 @@ def main(argv=None) -> int:
   if args.model and not args.model.startswith("kaggle:") and not Path(args.model).exists():
     return _fail(f"no model at {args.model}: pass a .gguf file, an HF safetensors folder or a "
                  "Gemma flax checkpoint folder")
+  if args.image:
+    from dictlearn_penzai import tour_vision
+
+    status = tour_vision.run(args, report, _Step, _fail)
+    if status == 0:
+      out = Path(args.out)
+      out.write_text(report.html(), encoding="utf-8")
+      print(f"\nreport: {out.resolve()}  (total {time.perf_counter() - t_start:.0f}s)")
+    return status
 
   with _Step("Load the dictionaries and the model") as s:
     sae = _load_dictionary(args.sae, "SAE")  # First: a bad reference fails fast.

@@ -1,0 +1,348 @@
+"""Gemma 3 with images (4B+): SigLIP, the projector, the stitched prompt and its attention mask,
+against transformers' ``Gemma3ForConditionalGeneration`` on a tiny random model.
+
+The fixture folder ``fixtures/gemma3_vision/`` is the model as transformers saved it, its
+images and tokenizer, and ``reference.npz`` (``scripts/make_gemma3_vision_fixtures.py``).
+"""
+
+import os
+import shutil
+
+import gemma3_vision_tiny as tiny
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gemma_layouts import flat_layout, nested_layout
+from penzai import pz
+from safetensors.numpy import load_file, save_file
+
+import dictlearn as dl
+import dictlearn_penzai as dp
+from dictlearn_gemma import image_preprocess
+from dictlearn_gemma.load_safetensors import load_safetensors_params
+from dictlearn_gemma.load_vision import (
+    flax_to_vision_params, load_hf_vision, load_vision, vision_from_flax_tree)
+from dictlearn_gemma.vision import GEMMA3_SIGLIP, SiglipConfig, encode_images, siglip_encode
+from dictlearn_penzai import hooks
+from dictlearn_penzai import vision as V
+
+FOLDER = os.path.join(os.path.dirname(__file__), "fixtures", "gemma3_vision")
+REF = np.load(os.path.join(FOLDER, "reference.npz"))
+IMAGES = [os.path.join(FOLDER, f"image_{i}.png") for i in range(2)]
+KINDS = ("resid_post", "attn_z", "mlp_in", "mlp_out")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  return dp.load_gemma(FOLDER)
+
+
+@pytest.fixture(scope="module")
+def inputs(loaded):
+  model, tok = loaded
+  return V.prepare(model, tok, tiny.PROMPT, IMAGES)
+
+
+@pytest.fixture(scope="module")
+def run(loaded, inputs):
+  sites = [f"{k}.{i}" for k in KINDS for i in range(7)]
+  logits, cache = hooks.run_with_cache(loaded[0], inputs.tokens, sites, **inputs.side_inputs)
+  return np.asarray(logits.unwrap("batch", "seq", "vocabulary"))[0], cache
+
+
+def rel_err(got, want):
+  return float(np.abs(np.asarray(got) - want).max() / np.abs(want).max())
+
+
+# ------------------------------------------------------------------ preprocessing
+
+
+def test_preprocessing_equals_the_processor():
+  """Paths, PIL images and uint8 arrays give transformers' pixel_values bit for bit; the
+  second image is greyscale (converted to RGB) and both change aspect ratio."""
+  from PIL import Image
+  want = REF["pixel_values"]
+  np.testing.assert_array_equal(image_preprocess.preprocess_images(IMAGES, 56), want)
+  pil = [Image.open(p) for p in IMAGES]
+  np.testing.assert_array_equal(image_preprocess.preprocess_images(pil, 56), want)
+  arrays = [np.asarray(im.convert("RGB")) for im in pil]
+  np.testing.assert_array_equal(image_preprocess.preprocess_images(arrays, 56), want)
+  one = image_preprocess.preprocess_images(IMAGES[0], 56)
+  assert one.shape == (1, 56, 56, 3) and one.dtype == np.float32
+  assert -1 <= one.min() and one.max() <= 1
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((8, 8, 4), np.uint8), r"\(H, W, 3\).*alpha"),
+    (np.zeros((3, 8, 8), np.uint8), r"channels first"),
+    (np.zeros((8, 8, 3), np.float32) + 2, r"\[0, 1\]"),
+    (np.zeros((8, 8, 3), np.int32), r"uint8"),
+    (np.zeros((0, 8, 3), np.uint8), r"empty"),
+    ("/no/such/image.png", r"no image file"),
+])
+def test_bad_images_are_refused_clearly(image, match):
+  with pytest.raises((ValueError, FileNotFoundError), match=match):
+    image_preprocess.preprocess_images([image], 56)
+
+
+def test_a_file_that_is_not_an_image(tmp_path):
+  bad = tmp_path / "notes.png"
+  bad.write_text("not an image")
+  with pytest.raises(ValueError, match="not an image Pillow can read"):
+    image_preprocess.preprocess_images(bad, 56)
+  with pytest.raises(ValueError, match="no images"):
+    image_preprocess.preprocess_images([], 56)
+
+
+# ------------------------------------------------------------------ the vision tower
+
+
+def test_config_from_the_weights():
+  vision = load_vision(FOLDER)
+  assert vision.config == SiglipConfig(image_size=56, patch_size=14, hidden=32, intermediate=48,
+                                       layers=2, heads=2, layer_norm_eps=1e-6,
+                                       mm_tokens_per_image=4)
+  assert (vision.boi_id, vision.eoi_id, vision.image_id) == (tiny.BOI_ID, tiny.EOI_ID,
+                                                             tiny.IMAGE_ID)
+  assert vision.d_model == 32 and vision.config.pool == 2
+  # The real 4B+ tower: 896 px, 64 x 64 patches pooled 4 x 4 to 256 tokens.
+  assert (GEMMA3_SIGLIP.patches_per_side, GEMMA3_SIGLIP.pool, GEMMA3_SIGLIP.head_dim) == (64, 4, 72)
+  with pytest.raises(ValueError, match="must be a square"):
+    SiglipConfig(mm_tokens_per_image=200)
+
+
+def test_image_features_equal_transformers():
+  vision = load_vision(FOLDER)
+  hidden = np.asarray(siglip_encode(vision.params, REF["pixel_values"], vision.config))
+  feats = np.asarray(encode_images(vision.params, REF["pixel_values"], vision.config))
+  assert np.abs(hidden - REF["vision_hidden"]).max() < 1e-5
+  assert np.abs(feats - REF["image_features"]).max() < 1e-5
+  with pytest.raises(ValueError, match=r"pixels must be \(n, 56, 56, 3\)"):
+    encode_images(vision.params, REF["pixel_values"].transpose(0, 3, 1, 2), vision.config)
+
+
+# ------------------------------------------------------------------ the prompt
+
+
+def test_prompt_layout_and_image_positions_equal_the_processor(loaded, inputs):
+  np.testing.assert_array_equal(inputs.tokens, REF["input_ids"])
+  np.testing.assert_array_equal(inputs.image_positions, REF["token_type_ids"] == 1)
+  i = int(np.argmax(inputs.image_positions[0]))
+  # "\n\n" <start_of_image> 4 x <image_soft_token> <end_of_image> "\n\n"
+  assert inputs.tokens[0, i - 2:i + 6].tolist() == [
+      tiny.DOUBLE_NEWLINE_ID, tiny.BOI_ID, *[tiny.IMAGE_ID] * 4, tiny.EOI_ID,
+      tiny.DOUBLE_NEWLINE_ID]
+  assert inputs.image_blocks[0][inputs.image_positions[0]].tolist() == [0] * 4 + [1] * 4
+  assert inputs.image_index[0][inputs.image_positions[0]].tolist() == list(range(8))
+  strings = inputs.token_strings(loaded[1])
+  assert strings[i:i + 4] == ["<img 0>", "<img 1>", "<img 2>", "<img 3>"]
+  assert strings[i - 2] == "\n\n" and strings[1] == "l"
+
+
+def test_prompt_errors(loaded):
+  model, tok = loaded
+  with pytest.raises(ValueError, match="2 <start_of_image> placeholder.*1 image"):
+    V.prepare(model, tok, tiny.PROMPT, IMAGES[:1])
+  # No placeholder: the images go first, right after BOS.
+  first = V.prepare(model, tok, "what", IMAGES[:1])
+  assert first.tokens[0, :3].tolist() == [2, tiny.DOUBLE_NEWLINE_ID, tiny.BOI_ID]
+  text_only = dp.from_gemma_params(load_safetensors_params(FOLDER))
+  with pytest.raises(ValueError, match="no vision tower.*4B, 12B or 27B"):
+    V.prepare(text_only, tok, "what", IMAGES[:1])
+  other = tiny.tokenizer()
+  other_ids = dataclass_with(V.vision_of(model), boi_id=5)
+  with pytest.raises(ValueError, match="spells <start_of_image> as"):
+    V.expand_prompt(other, "a<start_of_image>", 1, boi_id=other_ids.boi_id, eoi_id=tiny.EOI_ID,
+                    image_id=tiny.IMAGE_ID, tokens_per_image=4)
+
+
+def dataclass_with(obj, **changes):
+  import dataclasses
+  return dataclasses.replace(obj, **changes)
+
+
+# ------------------------------------------------------------------ the language model
+
+
+def test_logits_and_sites_match_transformers(run):
+  logits, cache = run
+  assert np.abs(logits - REF["logits"]).max() < 1e-4
+  for kind in KINDS:
+    for i in range(7):
+      assert rel_err(cache.array(f"{kind}.{i}")[0], REF[kind][i]) < 1e-4, f"{kind}.{i}"
+
+
+def test_attention_mask_equals_transformers(loaded, inputs):
+  """Global layer 5 and the sliding layers: the mask transformers built, entry for entry."""
+  model, _ = loaded
+  masks = pz.select(model).at_instances_of(V.ImageAttentionMask).get_sequence()
+  assert len(masks) == 7 and [m.sliding_window for m in masks] == [4] * 5 + [None, 4]
+  s = inputs.tokens.shape[1]
+  zeros = pz.nx.zeros({"batch": 1, "seq": s, "kv_seq": s})
+  side = {"token_positions": hooks.positions_from_padding(hooks.as_tokens(inputs.tokens), 0),
+          **inputs.side_inputs}
+  for layer, want in ((masks[5], REF["mask_full"]), (masks[0], REF["mask_sliding"])):
+    got = np.asarray(layer(zeros, **side).unwrap("batch", "seq", "kv_seq"))[0] == 0
+    np.testing.assert_array_equal(got, want)
+  # Within an image, a token sees the later ones; the window still cuts on sliding layers.
+  first = int(np.argmax(inputs.image_positions[0]))
+  assert REF["mask_sliding"][first, first + 3] and not REF["mask_sliding"][first + 3, first - 1]
+
+
+def test_greedy_continuation_matches_transformers(loaded, inputs):
+  new = V.generate_greedy(loaded[0], inputs, len(REF["greedy"]))
+  np.testing.assert_array_equal(new, REF["greedy"])
+
+
+@pytest.mark.slow
+def test_text_only_calls_are_unchanged(loaded, inputs):
+  """Without image side inputs the vision model is the text model, bit for bit; with them
+  the images change the output."""
+  model, _ = loaded
+  text_model, _ = dp.load_gemma(FOLDER, vision=False)
+  assert not pz.select(text_model).at_instances_of(V.StitchImages).count()
+  assert not pz.select(text_model).at_instances_of(V.ImageAttentionMask).count()
+  ids = inputs.tokens
+  plain = np.asarray(hooks.call(text_model, ids).unwrap("batch", "seq", "vocabulary"))
+  same = np.asarray(hooks.call(model, ids).unwrap("batch", "seq", "vocabulary"))
+  np.testing.assert_array_equal(plain, same)
+  np.testing.assert_array_equal(plain, np.asarray(dp.forward_logits(text_model, ids)))
+  with_images = np.asarray(hooks.call(model, ids, **inputs.side_inputs).unwrap(
+      "batch", "seq", "vocabulary"))
+  first = int(np.argmax(inputs.image_positions[0]))
+  np.testing.assert_array_equal(with_images[0, :first], plain[0, :first])  # Causal before.
+  assert np.abs(with_images[0, first:] - plain[0, first:]).max() > 1e-2
+  # Text sampling (KV-cached) still works on the vision model.
+  out = dp.generate_tokens(model, [2, 270, 271], max_new_tokens=3, stop_ids=())
+  np.testing.assert_array_equal(out, dp.generate_tokens(text_model, [2, 270, 271],
+                                                        max_new_tokens=3, stop_ids=()))
+
+
+def test_hooks_and_analysis_take_the_images(loaded, inputs, run):
+  """A random SAE on resid_post.3: top latents over the image tokens only, a splice."""
+  model, _ = loaded
+  sae = dl.random_dictionary(jax.random.key(1), 32, 64, meta=dl.DictMeta(site="resid_post",
+                                                                          layer=3))
+  _, cache = run
+  top = dp.analysis.top_latents(sae, cache["resid_post.3"], k=5, mask=inputs.image_positions)
+  assert int(top.mask.sum()) == 8 and top.mask[0][inputs.image_positions[0]].all()
+  spliced = hooks.call(hooks.splice(model, sae), inputs.tokens, **inputs.side_inputs)
+  clean = hooks.call(model, inputs.tokens, **inputs.side_inputs)
+  assert not np.allclose(np.asarray(spliced.unwrap("batch", "seq", "vocabulary")),
+                         np.asarray(clean.unwrap("batch", "seq", "vocabulary")))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _write_orbax(folder, tree):
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(folder), tree)
+  checkpointer.wait_until_finished()
+  return folder
+
+
+def test_flax_layout_loads_the_same_weights(tmp_path, loaded, inputs):
+  hf = load_hf_vision(FOLDER)
+  text = load_safetensors_params(FOLDER)
+  # NESTED (model.init()) names: vision_encoder/..., embedder/mm_*.
+  nested = flax_to_vision_params({"vision_encoder": {"siglip_encoder": {"pos_embedding": 1}},
+                                  "embedder": {"mm_input_projection": {"w": 2}}})
+  assert nested == {"SigLiPFromPatches_0/siglip_encoder/pos_embedding": 1,
+                    "transformer/embedder/mm_input_projection/w": 2}
+  folder = _write_orbax(tmp_path / "gemma3-tiny-vlm", flat_layout({**text, **hf.params}))
+  got = load_vision(folder, mm_tokens_per_image=4)
+  assert got.config == hf.config and got.params.keys() == hf.params.keys()
+  for key in hf.params:
+    np.testing.assert_array_equal(got.params[key], hf.params[key])
+  model = V.attach_vision(dp.from_gemma_params(dl_text_from(folder)), got)
+  want = hooks.call(loaded[0], inputs.tokens, **inputs.side_inputs)
+  again = hooks.call(model, inputs.tokens, **inputs.side_inputs)
+  np.testing.assert_array_equal(np.asarray(again.unwrap("batch", "seq", "vocabulary")),
+                                np.asarray(want.unwrap("batch", "seq", "vocabulary")))
+  # Flax checkpoints carry no config: Gemma 3's 256 tokens do not fit a 4 x 4 patch grid.
+  with pytest.raises(ValueError, match="mm_tokens_per_image 256"):
+    vision_from_flax_tree(nested_layout({**text, **hf.params}))
+
+
+def dl_text_from(folder):
+  from dictlearn_gemma.load_orbax import load_orbax_params
+  return load_orbax_params(folder)
+
+
+def _copy_with(tmp_path, change):
+  out = tmp_path / "vlm"
+  shutil.copytree(FOLDER, out)
+  tensors = load_file(os.path.join(out, "model.safetensors"))
+  change(tensors)
+  save_file(tensors, os.path.join(out, "model.safetensors"))
+  return out
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda t: t.pop("vision_tower.encoder.layers.1.mlp.fc2.bias"),
+     r"missing 1 vision tensor.*encoderblock_1/MlpBlock_0/Dense_1/bias"),
+    (lambda t: t.update({"vision_tower.head.probe": np.zeros(3, np.float32)}),
+     r"unexpected vision tensor 'vision_tower.head.probe'"),
+    (lambda t: t.update({"vision_tower.embeddings.position_embedding.weight":
+                         np.zeros((9, 32), np.float32)}),
+     r"position embedding holds 9 patches but config.json's vision image_size 56"),
+    (lambda t: t.update({"multi_modal_projector.mm_soft_emb_norm.weight":
+                         np.zeros(31, np.float32)}),
+     r"wrong shapes: transformer/embedder/mm_soft_embedding_norm/scale: \(31,\)"),
+])
+def test_bad_vision_weights_are_refused_by_name(tmp_path, change, match):
+  with pytest.raises(ValueError, match=match):
+    dp.load_gemma(_copy_with(tmp_path, change))
+
+
+def test_text_only_folder_has_no_vision(tmp_path):
+  folder = _copy_with(tmp_path, lambda t: [t.pop(k) for k in list(t)
+                                           if not k.startswith("language_model.")])
+  model, _ = dp.load_gemma(folder)
+  assert not pz.select(model).at_instances_of(V.StitchImages).count()
+  with pytest.raises(ValueError, match="holds no vision weights"):
+    load_hf_vision(folder)
+
+
+def test_newer_hub_names_load_too(tmp_path):
+  """``model.vision_tower.vision_model.*`` / ``model.multi_modal_projector.*`` /
+  ``model.language_model.*`` (the hub's current files) read as transformers 5.x's own."""
+  def rename(t):
+    for k in list(t):
+      v = t.pop(k)
+      k = k.replace("language_model.model.", "model.language_model.")
+      k = k.replace("vision_tower.", "model.vision_tower.vision_model.")
+      k = k.replace("multi_modal_projector.", "model.multi_modal_projector.")
+      t[k] = v
+  folder = _copy_with(tmp_path, rename)
+  a, b = load_hf_vision(folder), load_hf_vision(FOLDER)
+  assert a.params.keys() == b.params.keys()
+  for key in a.params:
+    np.testing.assert_array_equal(a.params[key], b.params[key])
+  assert load_safetensors_params(folder).keys() == load_safetensors_params(FOLDER).keys()
+
+
+# ------------------------------------------------------------------ the tour
+
+
+def test_image_tour_on_the_tiny_model(tmp_path, capsys):
+  from dictlearn_penzai import tour
+  sae = dl.random_dictionary(jax.random.key(2), 32, 64, meta=dl.DictMeta(site="resid_post",
+                                                                          layer=4))
+  dl.save(sae, tmp_path / "sae")
+  out = tmp_path / "report.html"
+  args = ["--model", FOLDER, "--sae", str(tmp_path / "sae"), "--image", IMAGES[0],
+          "--image-prompt", "<b>what</b> is it", "--new-tokens", "2", "--out", str(out)]
+  assert tour.main(args) == 0
+  page = out.read_text()
+  for sid in ("image-continuation", "image-top-latents"):
+    assert f'id="{sid}"' in page
+  assert "&lt;img 0&gt;" in page and "&lt;b&gt;what&lt;/b&gt;" in page and "<b>what</b>" not in page
+  assert "latent (max over 4 tokens)" in page
+  # A missing image is a short error, before anything loads.
+  assert tour.main(["--model", FOLDER, "--sae", str(tmp_path / "sae"), "--image",
+                    "/no/image.png"]) == 2
+  assert "no image at" in capsys.readouterr().err
