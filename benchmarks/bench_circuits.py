@@ -188,7 +188,7 @@ def worker_ours(args):
   ids = spec["ids"]
   kw = dict(max_n_logits=MAX_N_LOGITS, desired_logit_prob=DESIRED_LOGIT_PROB,
             max_feature_nodes=args.max_feature_nodes, batch_size=args.batch_size,
-            progress=False)
+            progress=args.target == "long")  # (a bar costs nothing next to a long row)
   for _ in range(args.repeats):
     with RSSSampler() as s:
       t = time.perf_counter()
