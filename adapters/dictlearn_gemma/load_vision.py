@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 
 from dictlearn_gemma.load_safetensors import read_hf_config, safetensors_files
-from dictlearn_gemma.params import name_some
 from dictlearn_gemma.vision import (
     ENCODER, PROJECTION, SOFT_NORM, SiglipConfig, check_vision_params, infer_siglip_config)
 

@@ -11,6 +11,9 @@ dictionaries (``--sae .../gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71
 
 It prints each step and writes a self-contained HTML report (``--out``) that opens
 offline: token highlights, tables, and the per-token loss plot.
+
+With ``--image PATH`` and a Gemma 3 4B, 12B or 27B ``--model`` it is the image tour instead
+(``dictlearn_penzai.tour_vision``): the SAE's top latents on the image's soft tokens.
 """
 
 from __future__ import annotations

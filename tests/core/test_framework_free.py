@@ -44,6 +44,9 @@ MODULES = [
     "dictlearn_gemma.tokenizer",
     "dictlearn_gemma.loading",
     "dictlearn_gemma.corpus",
+    "dictlearn_gemma.image_preprocess",
+    "dictlearn_gemma.vision",
+    "dictlearn_gemma.load_vision",
 ]
 
 _CHECK = """
