@@ -169,6 +169,9 @@ def test_text_only_calls_are_unchanged(loaded, inputs):
   first = int(np.argmax(inputs.image_positions[0]))
   np.testing.assert_array_equal(with_images[0, :first], plain[0, :first])  # Causal before.
   assert np.abs(with_images[0, first:] - plain[0, first:]).max() > 1e-2
+  cached = dp.make_kv_cached(model, batch_size=1, cache_len=64)
+  with pytest.raises(ValueError, match="KV-cached sampling are not supported.*generate_greedy"):
+    hooks.call(cached, ids, **inputs.side_inputs)
   # Text sampling (KV-cached) still works on the vision model.
   out = dp.generate_tokens(model, [2, 270, 271], max_new_tokens=3, stop_ids=())
   np.testing.assert_array_equal(out, dp.generate_tokens(text_model, [2, 270, 271],
@@ -222,8 +225,14 @@ def test_flax_layout_loads_the_same_weights(tmp_path, loaded, inputs):
   with pytest.raises(ValueError, match="1 unexpected tensor.*encoderblock/x"):
     vision_from_flax_tree(flat_layout(extra), mm_tokens_per_image=4)
   # Flax checkpoints carry no config: Gemma 3's 256 tokens do not fit a 4 x 4 patch grid.
-  with pytest.raises(ValueError, match="mm_tokens_per_image 256"):
+  with pytest.raises(ValueError, match="mm_tokens_per_image 256.*pass mm_tokens_per_image"):
     vision_from_flax_tree(nested_layout({**text, **hf.params}))
+  with pytest.warns(UserWarning, match="no tokenizer.model"):
+    with pytest.raises(ValueError, match="mm_tokens_per_image 256.*vision=False"):
+      dp.load_gemma(folder)
+  with pytest.warns(UserWarning, match="no tokenizer.model"):
+    text_model, _ = dp.load_gemma(folder, vision=False)
+  assert not pz.select(text_model).at_instances_of(V.StitchImages).count()
 
 
 def dl_text_from(folder):

@@ -251,7 +251,12 @@ def vision_from_flax_tree(tree: Mapping, *, source: str = "checkpoint",
   if not params:
     raise ValueError(f"{source}: no vision weights (SigLiPFromPatches_0/...): a text-only "
                      "Gemma 3 (270M, 1B) cannot read images")
-  config = infer_siglip_config(params, mm_tokens_per_image=mm_tokens_per_image)
+  try:
+    config = infer_siglip_config(params, mm_tokens_per_image=mm_tokens_per_image)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}. Flax checkpoints carry no config: pass "
+                     "mm_tokens_per_image to dictlearn_gemma.load_vision (or load the text "
+                     "model alone with load_gemma(..., vision=False))") from e
   check_vision_params(params, config, source=source)
   return VisionCheckpoint(params, config)
 

@@ -105,7 +105,12 @@ class ImageAttentionMask(pz.nn.Layer):
       return self.base(x, **side_inputs)
     b = self.base
     q = side_inputs[b.query_positions_input_name]
-    kv = side_inputs[b.kv_positions_input_name].untag(b.seq_axis).tag(b.kv_seq_axis)
+    kv_positions = side_inputs[b.kv_positions_input_name]
+    if kv_positions.named_shape[b.seq_axis] != blocks.named_shape[b.seq_axis]:
+      raise ValueError("images in KV-cached sampling are not supported (the cache's keys "
+                       "outnumber the prompt's image blocks): use "
+                       "dictlearn_penzai.vision.generate_greedy")
+    kv = kv_positions.untag(b.seq_axis).tag(b.kv_seq_axis)
     kv_blocks = blocks.untag(b.seq_axis).tag(b.kv_seq_axis)
     allowed = ((q >= kv) | ((blocks == kv_blocks) & (blocks >= 0))) & (kv >= 0)
     if self.sliding_window is not None:
