@@ -30,6 +30,9 @@ The sizes are in ``tests/gemma3_vision_tiny.py``. Written into the fixture folde
                    ``.pre_feedforward_layernorm``, ``.post_feedforward_layernorm``
     mask_full, mask_sliding (S, S) bool   ``create_masks_for_vision_model`` (True = attend)
     greedy (6,) int32   ``generate(do_sample=False)`` with the images, KV-cached
+    batch_input_ids, batch_token_type_ids, batch_attention_mask (2, B)   the processor on
+                   [PROMPT, BATCH_PROMPT] with [[image 0, image 1], [image 1]], left-padded
+    batch_logits (2, B, 384)   the model on that batch (pad rows are not compared)
   README.md   the versions
 """
 
@@ -136,7 +139,18 @@ def main():
                             max_new_tokens=tiny.NEW_TOKENS, min_new_tokens=tiny.NEW_TOKENS,
                             do_sample=False, bad_words_ids=[[0]], eos_token_id=None,
                             pad_token_id=0)
+  proc.tokenizer.padding_side = "left"
+  batch = proc(text=[tiny.PROMPT, tiny.BATCH_PROMPT], images=[images, images[1:]],
+               padding=True, return_tensors="pt")
+  with torch.no_grad():
+    batch_logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                         token_type_ids=batch["token_type_ids"],
+                         attention_mask=batch["attention_mask"]).logits
   arrays = dict(
+      batch_input_ids=batch["input_ids"].numpy().astype(np.int32),
+      batch_token_type_ids=batch["token_type_ids"].numpy().astype(np.int32),
+      batch_attention_mask=batch["attention_mask"].numpy().astype(np.int32),
+      batch_logits=batch_logits.numpy().astype(np.float32),
       input_ids=ids.numpy().astype(np.int32), token_type_ids=types.numpy().astype(np.int32),
       pixel_values=pixels.numpy().transpose(0, 2, 3, 1).astype(np.float32),
       image_features=feats.pooler_output.numpy().astype(np.float32),

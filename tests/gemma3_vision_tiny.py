@@ -67,6 +67,8 @@ CONFIG = {
 # Two images in one prompt, each where its placeholder stands.
 PROMPT = "look at this<start_of_image>and this<start_of_image>what is it"
 NEW_TOKENS = 6
+# The second row of a batch: shorter (left-padded), one image.
+BATCH_PROMPT = "see<start_of_image>it"
 
 
 def random_value(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

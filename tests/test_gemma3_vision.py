@@ -13,6 +13,7 @@ import shutil
 
 import gemma3_vision_tiny as tiny
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from gemma_layouts import flat_layout, nested_layout
@@ -129,6 +130,28 @@ def test_logits_and_sites_match_transformers(run):
       assert rel_err(cache.array(f"{kind}.{i}")[0], REF[kind][i]) < 1e-4, f"{kind}.{i}"
 
 
+def test_a_left_padded_batch_matches_transformers(loaded):
+  """Two prompts (two images and one), left-padded: the processor's ids and token types,
+  and transformers' logits at every real token."""
+  model, tok = loaded
+  batch = V.prepare(model, tok, [tiny.PROMPT, tiny.BATCH_PROMPT], [IMAGES, IMAGES[1:]])
+  np.testing.assert_array_equal(batch.tokens, REF["batch_input_ids"])
+  np.testing.assert_array_equal(batch.image_positions, REF["batch_token_type_ids"] == 1)
+  assert batch.image_index.max() == 11 and batch.features.shape == (3, 4, 32)
+  assert batch.image_blocks[1][batch.image_positions[1]].tolist() == [0] * 4
+  assert batch.token_strings(tok, row=1)[34:36] == ["<img 8>", "<img 9>"]
+  logits = np.asarray(hooks.call(model, batch.tokens, **batch.side_inputs).unwrap(
+      "batch", "seq", "vocabulary"))
+  real = REF["batch_attention_mask"] == 1
+  assert np.abs(logits[real] - REF["batch_logits"][real]).max() < 1e-4
+  with pytest.raises(ValueError, match="2 prompts but 1 image lists"):
+    V.prepare(model, tok, [tiny.PROMPT, tiny.BATCH_PROMPT], [IMAGES])
+  with pytest.raises(ValueError, match="no images given"):
+    V.prepare(model, tok, ["a", "b"], [[], []])
+  with pytest.raises(ValueError, match="continues one prompt"):
+    V.generate_greedy(model, batch, 1)
+
+
 def test_attention_mask_equals_transformers(loaded, inputs):
   """Global layer 5 and the sliding layers: the mask transformers built, entry for entry."""
   model, _ = loaded
@@ -176,6 +199,18 @@ def test_text_only_calls_are_unchanged(loaded, inputs):
   out = dp.generate_tokens(model, [2, 270, 271], max_new_tokens=3, stop_ids=())
   np.testing.assert_array_equal(out, dp.generate_tokens(text_model, [2, 270, 271],
                                                         max_new_tokens=3, stop_ids=()))
+
+
+def test_bfloat16_model_with_images():
+  """bfloat16 weights and activations (the vision tower too): the same prompt runs, and the
+  logits stay within bfloat16's error of transformers' float32 ones."""
+  model, tok = dp.load_gemma(FOLDER, dtype=jnp.bfloat16, activation_dtype=jnp.bfloat16)
+  inputs = V.prepare(model, tok, tiny.PROMPT, IMAGES)
+  assert inputs.features.dtype == jnp.bfloat16
+  logits = hooks.call(model, inputs.tokens, **inputs.side_inputs)
+  assert logits.dtype == jnp.bfloat16
+  got = np.asarray(logits.unwrap("batch", "seq", "vocabulary").astype(jnp.float32))[0]
+  assert np.abs(got - REF["logits"]).max() < 0.05 * np.abs(REF["logits"]).max()
 
 
 def test_hooks_and_analysis_take_the_images(loaded, inputs, run):

@@ -168,12 +168,15 @@ class VisionInputs:
   """A prompt with images, ready for ``hooks.call`` / ``run_with_cache`` / analyses.
 
   Attributes:
-    tokens: (1, seq) int32 ids, BOS first, each image as ``\\n\\n <start_of_image>``,
-      mm_tokens_per_image image tokens, ``<end_of_image> \\n\\n`` (Gemma3Processor's layout).
-    image_positions: (1, seq) bool, True at the image soft tokens.
-    image_index: (1, seq) int32, the row of ``features`` at image tokens, -1 elsewhere.
-    image_blocks: (1, seq) int32, which image each image token belongs to, -1 elsewhere.
-    pixels: (n_images, S, S, 3) float32 preprocessed images.
+    tokens: (batch, seq) int32 ids, BOS first (left-padded with the pad id in a batch),
+      each image as ``\\n\\n <start_of_image>``, mm_tokens_per_image image tokens,
+      ``<end_of_image> \\n\\n`` (Gemma3Processor's layout).
+    image_positions: (batch, seq) bool, True at the image soft tokens.
+    image_index: (batch, seq) int32, the row of ``features`` (flattened to (n_images *
+      mm_tokens_per_image, d_model)) at image tokens, -1 elsewhere.
+    image_blocks: (batch, seq) int32, which image of its row each image token belongs to
+      (0, 1, ...), -1 elsewhere.
+    pixels: (n_images, S, S, 3) float32 preprocessed images, all rows' in order.
     features: (n_images, mm_tokens_per_image, d_model) soft tokens.
   """
 
@@ -193,9 +196,10 @@ class VisionInputs:
             "image_index": pz.nx.wrap(jnp.asarray(self.image_index)).tag("batch", "seq"),
             "image_blocks": pz.nx.wrap(jnp.asarray(self.image_blocks)).tag("batch", "seq")}
 
-  def token_strings(self, tokenizer) -> list[str]:
-    """One display string per token; image soft tokens as ``<img k>`` (k = feature row)."""
-    return token_strings(tokenizer, self.tokens[0], self.image_index[0])
+  def token_strings(self, tokenizer, row: int = 0) -> list[str]:
+    """One display string per token of ``row``; image soft tokens as ``<img k>`` (k = the
+    feature row)."""
+    return token_strings(tokenizer, self.tokens[row], self.image_index[row])
 
 
 def token_strings(tokenizer, ids, image_index=None) -> list[str]:
@@ -247,42 +251,71 @@ def expand_prompt(tokenizer, prompt: str, n_images: int, *, boi_id: int, eoi_id:
   return np.asarray(out, np.int32)[None]
 
 
-def prepare(model, tokenizer, prompt: str, images: Any | Sequence[Any]) -> VisionInputs:
-  """Tokens and side inputs for a prompt with images (one prompt, batch 1).
+def prepare(model, tokenizer, prompt: str | Sequence[str], images: Any | Sequence[Any], *,
+            pad_id: int = 0) -> VisionInputs:
+  """Tokens and side inputs for a prompt with images, or a batch of them.
 
   Args:
     model: a Gemma 3 with vision (``load_gemma`` of a 4B+ folder, or ``attach_vision``).
     tokenizer: its tokenizer (``<start_of_image>`` and ``<end_of_image>`` must be its
       special tokens, as in Gemma 3's).
     prompt: text with one ``<start_of_image>`` where each image goes (none: the images go
-      first), e.g. ``format_chat("<start_of_image>Describe this image.")``.
-    images: one image or a list (PIL images, paths, uint8 / float arrays; see
-      ``dictlearn_gemma.image_preprocess``).
+      first), e.g. ``format_chat("<start_of_image>Describe this image.")``; or a list of
+      such texts (a batch, left-padded with ``pad_id`` as ``sampling.pad_batch`` does).
+    images: for one prompt, one image or a list (PIL images, paths, uint8 / float arrays;
+      see ``dictlearn_gemma.image_preprocess``); for a batch, one list per prompt (an
+      empty list for a prompt without images).
 
   Returns:
-    ``VisionInputs``: ``tokens`` and ``side_inputs`` for ``hooks.call`` / ``run_with_cache``,
-    ``image_positions`` for ``analysis.top_latents(..., mask=...)``.
+    ``VisionInputs``: ``tokens`` and ``side_inputs`` for ``hooks.call`` / ``run_with_cache``
+    (positions come from the padding there), ``image_positions`` for
+    ``analysis.top_latents(..., mask=...)``.
+
+  Raises:
+    ValueError: placeholders and images do not match, no image at all, bad images.
   """
+  from dictlearn_penzai.sampling import pad_batch
+
   stitch = vision_of(model)
   config = stitch.vision_config
-  pixels = preprocess_images(images, config.image_size)
-  tokens = expand_prompt(tokenizer, prompt, len(pixels), boi_id=stitch.boi_id,
-                         eoi_id=stitch.eoi_id, image_id=stitch.image_id,
-                         tokens_per_image=config.mm_tokens_per_image)
+  batched = not isinstance(prompt, str)
+  prompts = list(prompt) if batched else [prompt]
+  per_prompt = list(images) if batched else [images]
+  if len(per_prompt) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} image lists: give one "
+                     "list of images per prompt (an empty one for none)")
+  rows, pixels = [], []
+  for text, imgs in zip(prompts, per_prompt):
+    imgs = list(imgs) if isinstance(imgs, (list, tuple)) else [imgs]
+    px = (preprocess_images(imgs, config.image_size) if imgs
+          else np.zeros((0, config.image_size, config.image_size, 3), np.float32))
+    rows.append(expand_prompt(tokenizer, text, len(px), boi_id=stitch.boi_id,
+                              eoi_id=stitch.eoi_id, image_id=stitch.image_id,
+                              tokens_per_image=config.mm_tokens_per_image)[0])
+    pixels.append(px)
+  pixels = np.concatenate(pixels)
+  if not len(pixels):
+    raise ValueError("no images given: call the model without vision side inputs")
+  tokens = pad_batch(rows, pad_id=pad_id, side="left")
   is_image = tokens == stitch.image_id
-  index = np.where(is_image, np.cumsum(is_image, axis=1) - 1, -1).astype(np.int32)
-  features = stitch.encode(pixels)
+  # Feature rows follow the images in order, row after row.
+  flat = np.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+  index = np.where(is_image, flat, -1).astype(np.int32)
   return VisionInputs(tokens=tokens, image_positions=is_image, image_index=index,
                       image_blocks=image_blocks_of(is_image), pixels=pixels,
-                      features=features)
+                      features=stitch.encode(pixels))
 
 
-def extend(inputs: VisionInputs, new_ids: Sequence[int]) -> VisionInputs:
-  """``inputs`` with text tokens appended (no image at the new positions)."""
-  k = len(new_ids)
-  pad = lambda a, v: np.concatenate([a, np.full((1, k), v, a.dtype)], axis=1)
+def extend(inputs: VisionInputs, new_ids) -> VisionInputs:
+  """``inputs`` with text tokens appended: ``new_ids`` (k,) for every row, or (batch, k)."""
+  b = inputs.tokens.shape[0]
+  new = np.asarray(new_ids, np.int32)
+  new = np.broadcast_to(new, (b, new.shape[0])) if new.ndim == 1 else new
+  if new.shape[0] != b:
+    raise ValueError(f"new ids for {new.shape[0]} rows, the batch has {b}")
+  pad = lambda a, v: np.concatenate([a, np.full(new.shape, v, a.dtype)], axis=1)
   return dataclasses.replace(
-      inputs, tokens=np.concatenate([inputs.tokens, np.asarray(new_ids, np.int32)[None]], 1),
+      inputs, tokens=np.concatenate([inputs.tokens, new], 1),
       image_positions=pad(inputs.image_positions, False), image_index=pad(inputs.image_index, -1),
       image_blocks=pad(inputs.image_blocks, -1))
 
@@ -298,6 +331,9 @@ def generate_greedy(model, inputs: VisionInputs, max_new_tokens: int, *,
   """
   from dictlearn_penzai import hooks
 
+  if inputs.tokens.shape[0] != 1:
+    raise ValueError(f"generate_greedy continues one prompt; got a batch of "
+                     f"{inputs.tokens.shape[0]}")
   n = inputs.tokens.shape[1]
   full = extend(inputs, [pad_id] * max_new_tokens)
   tokens = full.tokens.copy()
