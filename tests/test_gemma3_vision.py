@@ -8,6 +8,7 @@ The fixture folder ``fixtures/gemma3_vision/`` is the model as transformers save
 images and tokenizer, and ``reference.npz`` (``scripts/make_gemma3_vision_fixtures.py``).
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -113,6 +114,13 @@ def test_prompt_errors(loaded):
   text_only = dp.from_gemma_params(load_safetensors_params(FOLDER))
   with pytest.raises(ValueError, match="no vision tower.*4B, 12B or 27B"):
     V.prepare(text_only, tok, "what", IMAGES[:1])
+  with pytest.raises(ValueError, match="already has a vision tower"):
+    V.attach_vision(model, load_hf_vision(FOLDER))
+  narrow = dataclasses.replace(load_hf_vision(FOLDER))
+  narrow.params = {**narrow.params, "transformer/embedder/mm_input_projection/w":
+                   np.zeros((32, 16), np.float32)}
+  with pytest.raises(ValueError, match="writes 16 features but the text model's width is 32"):
+    V.attach_vision(text_only, narrow)
   # A tokenizer whose markers are not the model's (another model's tokenizer).
   with pytest.raises(ValueError, match=r"spells <start_of_image> as \[316\], the model expects"):
     V.expand_prompt(tok, "a<start_of_image>", 1, boi_id=5, eoi_id=tiny.EOI_ID,
@@ -170,8 +178,11 @@ def test_attention_mask_equals_transformers(loaded, inputs):
 
 
 def test_greedy_continuation_matches_transformers(loaded, inputs):
-  new = V.generate_greedy(loaded[0], inputs, len(REF["greedy"]))
-  np.testing.assert_array_equal(new, REF["greedy"])
+  """KV-cached (the prefill carries the images) and uncached, both as transformers'."""
+  for cached in (True, False):
+    new = V.generate_greedy(loaded[0], inputs, len(REF["greedy"]), cached=cached)
+    np.testing.assert_array_equal(new, REF["greedy"])
+  assert V.generate_greedy(loaded[0], inputs, 6, stop_ids=(234,)).tolist() == [234]
 
 
 @pytest.mark.slow
@@ -193,7 +204,7 @@ def test_text_only_calls_are_unchanged(loaded, inputs):
   np.testing.assert_array_equal(with_images[0, :first], plain[0, :first])  # Causal before.
   assert np.abs(with_images[0, first:] - plain[0, first:]).max() > 1e-2
   cached = dp.make_kv_cached(model, batch_size=1, cache_len=64)
-  with pytest.raises(ValueError, match="KV-cached sampling are not supported.*generate_greedy"):
+  with pytest.raises(ValueError, match="image blocks of the whole cache.*generate_greedy"):
     hooks.call(cached, ids, **inputs.side_inputs)
   # Text sampling (KV-cached) still works on the vision model.
   out = dp.generate_tokens(model, [2, 270, 271], max_new_tokens=3, stop_ids=())
@@ -221,6 +232,12 @@ def test_hooks_and_analysis_take_the_images(loaded, inputs, run):
   _, cache = run
   top = dp.analysis.top_latents(sae, cache["resid_post.3"], k=5, mask=inputs.image_positions)
   assert int(top.mask.sum()) == 8 and top.mask[0][inputs.image_positions[0]].all()
+  rep = dp.analysis.reconstruction_report(model, inputs.tokens, sae, mask=inputs.image_positions,
+                                          side_inputs=inputs.side_inputs)
+  assert rep.n_tokens == 8
+  x = np.asarray(cache.array("resid_post.3"))[inputs.image_positions]
+  want = dl.analysis.reconstruction(sae, x[None], x[None]).fvu
+  assert abs(rep.fvu - want) < 1e-5  # the image-stitched activations, not the text-only ones
   spliced = hooks.call(hooks.splice(model, sae), inputs.tokens, **inputs.side_inputs)
   clean = hooks.call(model, inputs.tokens, **inputs.side_inputs)
   assert not np.allclose(np.asarray(spliced.unwrap("batch", "seq", "vocabulary")),
@@ -306,7 +323,7 @@ def test_image_tour_on_the_tiny_model(tmp_path, capsys):
           "--image-prompt", "<b>what</b> is it", "--new-tokens", "2", "--out", str(out)]
   assert tour.main(args) == 0
   page = out.read_text()
-  for sid in ("image-continuation", "image-top-latents"):
+  for sid in ("image-continuation", "image-top-latents", "image-reconstruction"):
     assert f'id="{sid}"' in page
   assert "&lt;img 0&gt;" in page and "&lt;b&gt;what&lt;/b&gt;" in page and "<b>what</b>" not in page
   assert "latent (max over 4 tokens)" in page

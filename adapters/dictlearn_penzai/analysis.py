@@ -306,12 +306,13 @@ def _side(token_positions):
 
 
 def clean_and_spliced(model, tokens, dictionary, site=None, *, token_positions=None,
-                      mask=None, pad_id: int | None = 0, jit: bool = True) -> Runs:
+                      mask=None, pad_id: int | None = 0, jit: bool = True,
+                      side_inputs: dict | None = None) -> Runs:
   """Runs ``model`` on ``tokens`` clean (capturing the dictionary's sites) and with the
   dictionary spliced in (BOS untouched). Arguments as in ``reconstruction_report``."""
   src, dst = hooks.read_write_sites(model, dictionary, site)
   tokens = hooks.as_tokens(tokens)
-  side = _side(token_positions)
+  side = {**(side_inputs or {}), **_side(token_positions)}
   clean, cache = hooks.run_with_cache(model, tokens, [src, dst], jit=jit, pad_id=pad_id, **side)
   spliced = hooks.call(hooks.splice(model, dictionary, site=(src, dst)), tokens, jit=jit,
                        pad_id=pad_id, **side)
@@ -323,8 +324,8 @@ def clean_and_spliced(model, tokens, dictionary, site=None, *, token_positions=N
 
 
 def reconstruction_report(model, tokens, dictionary, site=None, *, token_positions=None,
-                          mask=None, pad_id: int | None = 0,
-                          jit: bool = True) -> analysis.Reconstruction:
+                          mask=None, pad_id: int | None = 0, jit: bool = True,
+                          side_inputs: dict | None = None) -> analysis.Reconstruction:
   """FVU, L0, MSE and delta loss of a dictionary on ``tokens``, BOS and padding left out.
 
   The dictionary reads its input site; FVU/MSE compare its output with the activations
@@ -339,9 +340,12 @@ def reconstruction_report(model, tokens, dictionary, site=None, *, token_positio
       from ``pad_id`` (left or right padding both work).
     mask: optional extra (batch, seq) bool of tokens to count.
     pad_id: the padding id (Gemma: 0); None when the tokens hold no padding.
+    side_inputs: more side inputs for both runs, e.g. a prompt with images'
+      (``dictlearn_penzai.vision.prepare(...).side_inputs``).
   """
   return clean_and_spliced(model, tokens, dictionary, site, token_positions=token_positions,
-                           mask=mask, pad_id=pad_id, jit=jit).reconstruction()
+                           mask=mask, pad_id=pad_id, jit=jit,
+                           side_inputs=side_inputs).reconstruction()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,13 +366,14 @@ class PerTokenLoss:
 
 
 def per_token_loss(model, tokens, dictionary, site=None, *, token_positions=None,
-                   mask=None, pad_id: int | None = 0, jit: bool = True) -> PerTokenLoss:
+                   mask=None, pad_id: int | None = 0, jit: bool = True,
+                   side_inputs: dict | None = None) -> PerTokenLoss:
   """Clean vs spliced next-token loss at every position.
 
   Arguments as in ``reconstruction_report``.
   """
   r = reconstruction_report(model, tokens, dictionary, site, token_positions=token_positions,
-                            mask=mask, pad_id=pad_id, jit=jit)
+                            mask=mask, pad_id=pad_id, jit=jit, side_inputs=side_inputs)
   return PerTokenLoss(r.clean_per_token, r.spliced_per_token, r.loss_mask)
 
 

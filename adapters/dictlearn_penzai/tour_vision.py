@@ -2,9 +2,9 @@
 
 Loads the model with its vision tower and the SAE, puts the image in the prompt as Gemma 3's
 processor does (``dictlearn_penzai.vision.prepare``), prints the model's greedy
-continuation, the SAE's top latents over the image's soft tokens only, and the strongest
-one's activation over the whole prompt (image tokens shown as ``<img k>``), and writes the
-same as an HTML report. The transcoder and steering steps of the text tour are left out.
+continuation, the SAE's top latents over the image's soft tokens only, the strongest one's
+activation over the whole prompt (image tokens shown as ``<img k>``) and the SAE's FVU and
+L0 on the image tokens, and writes the same as an HTML report. The transcoder and steering steps of the text tour are left out.
 """
 
 from __future__ import annotations
@@ -83,6 +83,16 @@ def run(args, report, step, fail) -> int:
     highlight = A.token_activation_html(strings, acts, title=f"latent {latent} over the prompt")
     report.add(s.title, "<pre>" + html.escape(top.table(0)) + "</pre>" + str(highlight),
                section_id="image-top-latents")
+
+  with step(f"How well the SAE reconstructs {site} on the image's tokens") as s:
+    # Over image tokens only; the next-token loss there is not meaningful (nobody predicts
+    # soft tokens), so the report shows FVU and L0.
+    rep = A.reconstruction_report(model, inputs.tokens, sae, site,
+                                  mask=inputs.image_positions, side_inputs=inputs.side_inputs)
+    print(f"   FVU {rep.fvu:.2%}  L0 {rep.l0:.1f} over {rep.n_tokens} image tokens")
+    report.add(s.title, f"<table><tr><th>FVU</th><th>L0</th><th>image tokens</th></tr>"
+               f"<tr><td>{rep.fvu:.2%}</td><td>{rep.l0:.1f}</td><td>{rep.n_tokens}</td></tr>"
+               "</table>", section_id="image-reconstruction")
   return 0
 
 

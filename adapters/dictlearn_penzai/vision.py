@@ -29,9 +29,9 @@ Usage::
 Side inputs (all NamedArrays): ``image_features`` (``image_tokens``, ``embedding``): the soft
 tokens of every image in order; ``image_index`` (batch, seq) int: the row of
 ``image_features`` at each image token, -1 elsewhere; ``image_blocks`` (batch, seq) int: the
-image each image token belongs to, -1 elsewhere. KV-cached sampling with images is not
-supported (the cache would need the image blocks of the prefix); ``generate_greedy`` runs an
-uncached greedy loop instead.
+image each image token belongs to, -1 elsewhere; in a KV-cached prefill also
+``kv_image_blocks`` (batch, cache length), the same for the whole cache (``generate_greedy``
+does this; decode steps are text and need none).
 """
 
 from __future__ import annotations
@@ -82,8 +82,13 @@ class StitchImages(pz.nn.Layer):
     return pz.nx.nmap(jnp.where)(index >= 0, picked.astype(x.dtype), x)
 
   def encode(self, pixels) -> jax.Array:
-    """Pixels ``(n, S, S, 3)`` -> soft tokens ``(n, mm_tokens_per_image, d_model)``."""
-    return encode_images(self.vision_params, pixels, self.vision_config)
+    """Pixels ``(n, S, S, 3)`` -> soft tokens ``(n, mm_tokens_per_image, d_model)``.
+
+    One image at a time (one compilation): SigLIP's attention scores alone are 1 GB per
+    896 px image in float32 (16 heads x 4096 x 4096).
+    """
+    return jnp.concatenate([encode_images(self.vision_params, pixels[i:i + 1],
+                                          self.vision_config) for i in range(len(pixels))])
 
 
 @pz.pytree_dataclass
@@ -106,12 +111,13 @@ class ImageAttentionMask(pz.nn.Layer):
     b = self.base
     q = side_inputs[b.query_positions_input_name]
     kv_positions = side_inputs[b.kv_positions_input_name]
-    if kv_positions.named_shape[b.seq_axis] != blocks.named_shape[b.seq_axis]:
-      raise ValueError("images in KV-cached sampling are not supported (the cache's keys "
-                       "outnumber the prompt's image blocks): use "
-                       "dictlearn_penzai.vision.generate_greedy")
+    # KV-cached prefill: the keys are the whole cache, whose blocks come separately.
+    kv_blocks = side_inputs.get("kv_image_blocks", blocks)
+    if kv_positions.named_shape[b.seq_axis] != kv_blocks.named_shape[b.seq_axis]:
+      raise ValueError("a KV-cached model needs the image blocks of the whole cache "
+                       "(kv_image_blocks): use dictlearn_penzai.vision.generate_greedy")
     kv = kv_positions.untag(b.seq_axis).tag(b.kv_seq_axis)
-    kv_blocks = blocks.untag(b.seq_axis).tag(b.kv_seq_axis)
+    kv_blocks = kv_blocks.untag(b.seq_axis).tag(b.kv_seq_axis)
     allowed = ((q >= kv) | ((blocks == kv_blocks) & (blocks >= 0))) & (kv >= 0)
     if self.sliding_window is not None:
       allowed = allowed & (q - kv < self.sliding_window)
@@ -321,36 +327,54 @@ def extend(inputs: VisionInputs, new_ids) -> VisionInputs:
 
 
 def generate_greedy(model, inputs: VisionInputs, max_new_tokens: int, *,
-                    stop_ids: Sequence[int] = (), pad_id: int = 0) -> np.ndarray:
-  """Greedy continuation of a prompt with images: ``(n,)`` new ids.
+                    stop_ids: Sequence[int] = (), pad_id: int = 0,
+                    cached: bool = True) -> np.ndarray:
+  """Greedy continuation of one prompt with images: ``(n,)`` new ids (the stop id included).
 
-  Uncached: each step runs the whole sequence again (the KV-cached sampler does not carry
-  the image side inputs). The sequence is padded on the right to its final length, the
-  padding at position -1 (masked out), so every step reuses one compilation. The pad id is
+  ``cached`` (default): penzai's KV-cached model; the prefill carries the images (and the
+  image blocks of the whole cache, ``kv_image_blocks``), the decode steps are text. Else an
+  uncached loop, each step running the whole sequence again, padded on the right to its
+  final length (position -1, masked out) so all steps share one compilation. The pad id is
   never picked (as ``sampling.generate_tokens``).
   """
   from dictlearn_penzai import hooks
+  from dictlearn_penzai.sampling import make_kv_cached
 
   if inputs.tokens.shape[0] != 1:
     raise ValueError(f"generate_greedy continues one prompt; got a batch of "
                      f"{inputs.tokens.shape[0]}")
   n = inputs.tokens.shape[1]
+
+  def pick(logits, at):
+    last = np.array(logits.unwrap("batch", "seq", "vocabulary")[0, at], np.float32)
+    if pad_id is not None:
+      last[pad_id] = -np.inf
+    return int(np.argmax(last))
+
+  new = []
+  if cached:
+    kv_model = make_kv_cached(model, batch_size=1, cache_len=n + max_new_tokens, pad_id=pad_id)
+    side = inputs.side_inputs
+    side["kv_image_blocks"] = pz.nx.wrap(jnp.asarray(extend(
+        inputs, [pad_id] * max_new_tokens).image_blocks)).tag("batch", "seq")
+    logits = hooks.call(kv_model, inputs.tokens, **side)
+    for step in range(max_new_tokens):
+      new.append(pick(logits, -1))
+      if new[-1] in stop_ids or step == max_new_tokens - 1:
+        break
+      logits = hooks.call(kv_model, np.asarray([[new[-1]]], np.int32))
+    return np.asarray(new, np.int32)
   full = extend(inputs, [pad_id] * max_new_tokens)
   tokens = full.tokens.copy()
   positions = np.where(np.arange(n + max_new_tokens) < n, np.arange(n + max_new_tokens), -1)
   side = full.side_inputs
-  new = []
   for step in range(max_new_tokens):
     logits = hooks.call(model, tokens, token_positions=pz.nx.wrap(
         jnp.asarray(positions[None], jnp.int32)).tag("batch", "seq"), **side)
-    last = np.array(logits.unwrap("batch", "seq", "vocabulary")[0, n + step - 1], np.float32)
-    if pad_id is not None:
-      last[pad_id] = -np.inf
-    nxt = int(np.argmax(last))
-    new.append(nxt)
-    if nxt in stop_ids:
+    new.append(pick(logits, n + step - 1))
+    if new[-1] in stop_ids:
       break
-    tokens[0, n + step] = nxt
+    tokens[0, n + step] = new[-1]
     positions[n + step] = n + step
   return np.asarray(new, np.int32)
 
