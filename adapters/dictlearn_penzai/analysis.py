@@ -340,7 +340,7 @@ def reconstruction_report(model, tokens, dictionary, site=None, *, token_positio
       from ``pad_id`` (left or right padding both work).
     mask: optional extra (batch, seq) bool of tokens to count.
     pad_id: the padding id (Gemma: 0); None when the tokens hold no padding.
-    side_inputs: more side inputs for both runs, e.g. a prompt with images'
+    side_inputs: more side inputs for both runs, e.g. a prompt's images
       (``dictlearn_penzai.vision.prepare(...).side_inputs``).
   """
   return clean_and_spliced(model, tokens, dictionary, site, token_positions=token_positions,

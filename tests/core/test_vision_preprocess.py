@@ -136,3 +136,26 @@ def test_newer_hub_names_load_too(tmp_path):
   for key in a.params:
     np.testing.assert_array_equal(a.params[key], b.params[key])
   assert load_safetensors_params(folder).keys() == load_safetensors_params(FOLDER).keys()
+
+
+def test_gemma3_image_size_pools_64x64_patches_to_256_tokens():
+  """At Gemma 3's 896 px and patch 14 (narrow random weights: the grid is what matters),
+  64 x 64 patches average-pool in 4 x 4 windows, row-major, to 256 tokens."""
+  from dictlearn_gemma.vision import expected_vision_shapes, project
+  config = SiglipConfig(hidden=32, intermediate=48, layers=1, heads=2)
+  assert (config.patches_per_side, config.pool) == (64, 4)
+  rng = np.random.default_rng(0)
+  params = {k: (0.1 * rng.standard_normal(s)).astype(np.float32)
+            for k, s in expected_vision_shapes(config, 40).items()}
+  pixels = image_preprocess.preprocess_images(rng.integers(0, 255, (300, 500, 3), np.uint8),
+                                              896)
+  assert encode_images(params, pixels, config).shape == (1, 256, 40)
+  patches = rng.standard_normal((1, 4096, 32)).astype(np.float32)
+  grid = patches.reshape(64, 64, 32)
+  params["transformer/embedder/mm_soft_embedding_norm/scale"] = np.zeros(32, np.float32)
+  params["transformer/embedder/mm_input_projection/w"] = np.eye(32, 40, dtype=np.float32)
+  out = np.asarray(project(params, patches, config))[0]
+  # Token 17 = row 1, column 1 of the 16 x 16 grid: patches 4..7 x 4..7, then RMS-normalised.
+  pooled = grid[4:8, 4:8].mean(axis=(0, 1))
+  want = pooled / np.sqrt(np.mean(pooled ** 2) + 1e-6)
+  np.testing.assert_allclose(out[17, :32], want, rtol=1e-5, atol=1e-6)
