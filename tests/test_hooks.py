@@ -39,6 +39,18 @@ def _logits(model, ids, jit=True, **side):
   return np.asarray(hooks.call(model, ids, jit=jit, **side).unwrap("batch", "seq", "vocabulary"))
 
 
+def test_compiled_calls_write_back_captures_and_never_copy_the_weights(model):
+  """Parameters go in frozen and come back untouched (the same arrays, not copies
+  written back), while a capture's state variable is updated as under pz.variable_jit."""
+  params = pz.unbind_params(model)[1]
+  before = [p.value for p in params]
+  logits, cache = hooks.run_with_cache(model, _ids(range(1, SEQ)), ["resid_post.0"])
+  eager = hooks.run_with_cache(model, _ids(range(1, SEQ)), ["resid_post.0"], jit=False)[1]
+  assert all(p.value is v for p, v in zip(params, before))
+  np.testing.assert_allclose(cache.array("resid_post.0"), eager.array("resid_post.0"),
+                             rtol=1e-5, atol=1e-6)
+
+
 def exact_sae(d, site, seed=0):
   """An SAE that reconstructs every input exactly: columns [Q, -Q], threshold 0.
 

@@ -32,6 +32,7 @@ from dictlearn import activation_data
 from dictlearn import distributed as dist
 from dictlearn_penzai import hooks
 from dictlearn_penzai.hookpoint import HookPoint
+from dictlearn_penzai.jitting import state_jit
 from dictlearn_penzai.sites import Site, as_site, check_site
 
 
@@ -71,7 +72,7 @@ def truncate(model, sites: Sequence[Site]):
   return pz.nn.Sequential(layers[:last + 1])
 
 
-@pz.variable_jit
+@state_jit
 def _run(body, tokens, positions):
   return body(tokens, token_positions=positions)
 

@@ -41,6 +41,7 @@ from dictlearn import interventions
 from dictlearn.crosslayer import CrossLayerTranscoder
 from dictlearn_penzai import layers as L
 from dictlearn_penzai.hookpoint import HookPoint
+from dictlearn_penzai.jitting import state_jit
 from dictlearn_penzai.sites import (
     Site, as_site, check_site, feature_axis, num_layers, read_write)
 
@@ -223,14 +224,14 @@ def positions_from_padding(tokens: NamedArray, pad_id: int | None) -> NamedArray
       tokens.untag("seq")).tag("seq")
 
 
-@pz.variable_jit
+@state_jit
 def _jit_call(model, tokens, side_inputs):
   return model(tokens, **side_inputs)
 
 
 def call(model, tokens, *, jit: bool = True, pad_id: int | None = 0,
          **side_inputs) -> NamedArray:
-  """Runs ``model`` on tokens (see ``as_tokens``) under ``pz.variable_jit`` if ``jit``.
+  """Runs ``model`` on tokens (see ``as_tokens``) compiled (``jitting.state_jit``) if ``jit``.
 
   Unless ``token_positions`` is given, positions come from padding (``pad_id``, Gemma's
   0; None: 0..seq-1), as in ``sampling.forward_logits``. A KV-cached model computes its

@@ -36,12 +36,13 @@ from penzai.models.transformer.sampling_mode import KVCachingTransformerLM
 
 from dictlearn.interventions import positions_from_padding
 from dictlearn_gemma.tokenizer import format_chat, special_ids
+from dictlearn_penzai.jitting import split_variables, state_jit
 
 _BUCKET = 16
 _MAX_STOP_IDS = 8
 
 
-@pz.variable_jit
+@state_jit
 def _forward(model, tokens, positions):
   out = model(pz.nx.wrap(tokens).tag("batch", "seq"),
               token_positions=pz.nx.wrap(positions).tag("batch", "seq"))
@@ -230,9 +231,7 @@ def generate_tokens(model: Any, tokens: Any, *, max_new_tokens: int, temperature
     raise ValueError("every prompt needs at least one non-padding token (e.g. BOS)")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
-  slots, variables = pz.unbind_variables(model)
-  params = [v.freeze() for v in variables if isinstance(v, pz.Parameter)]
-  state_vars = [v for v in variables if not isinstance(v, pz.Parameter)]
+  slots, params, state_vars = split_variables(model)
   stop_ids = [int(s) for s in stop_ids]
   if len(stop_ids) > _MAX_STOP_IDS:
     raise ValueError(f"at most {_MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
