@@ -45,16 +45,30 @@ def _docs(seed=0, lengths=(20, 3, 9, 15, 1, 11, 30)):
   return [" ".join(map(str, rng.integers(3, VOCAB, size=n))) for n in lengths]
 
 
-def _sae():
-  return dl.random_dictionary(jax.random.key(0), D_MODEL, 32, threshold=0.5,
+def _sae(d_model=D_MODEL):
+  return dl.random_dictionary(jax.random.key(0), d_model, 32,
+                              threshold=0.5 * (d_model / 16) ** 0.5,
                               meta=dl.DictMeta(site="resid_post", layer=1))
+
+
+@pytest.fixture(scope="module", params=["gemma3", "gemma2"])
+def any_model(request, tmp_path_factory):
+  """The tiny Gemma 3, and the tiny Gemma 2 of test_gemma2 (penzai's own model)."""
+  if request.param == "gemma3":
+    return request.getfixturevalue("model"), D_MODEL
+  import gemma2_tiny
+  from dictlearn_penzai import load_gemma
+  with pytest.warns(UserWarning, match="no tokenizer.model"):
+    folder = gemma2_tiny.write_folder(tmp_path_factory.mktemp("g2") / "tiny")
+    return load_gemma(folder)[0], gemma2_tiny.CONFIG["hidden_size"]
 
 
 KW = dict(k=6, n_quantiles=3, examples_per_quantile=2)  # the CLI test's too: one compile
 
 
-def test_collect_equals_the_core_collector_on_captured_activations(model):
-  d = _sae()
+def test_collect_equals_the_core_collector_on_captured_activations(any_model):
+  model, d_model = any_model
+  d = _sae(d_model)
   got = collect(model, Tok(), _docs(), d, tokens=90, seq_len=SEQ, batch_size=BATCH,
                 latents="4:28", progress=False, **KW)
   ref = D.DashboardCollector(LATENTS, **KW)

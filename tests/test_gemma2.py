@@ -250,6 +250,27 @@ def test_tour_runs_on_gemma2_with_gemma_scope_1(folder, tmp_path, capsys):
     assert f'id="{sid}"' in page, sid
   printed = capsys.readouterr().out
   assert "SAE 64x32 at resid_post.2" in printed and "mlp_in.1 -> mlp_out.1" in printed
+  from chromium import dump_dom, html_tag
+  dom = dump_dom(out.as_uri(), tmp_path / "profile")
+  assert "main-svg" in dom, "plotly did not draw the loss plot"
+  assert "data-js-errors" not in html_tag(dom), html_tag(dom)
+
+
+def test_clamp_and_ablate_on_gemma2_are_the_edit_at_the_site(model, clean, tmp_path):
+  """clamp writes x + (v - f_i) w_dec[i] at the site (every position but BOS); ablating
+  every latent removes all of the reconstruction but the bias: x - (recon - b_dec)."""
+  sae = dl.load(random_gs1(tmp_path, "gemma-scope-tiny-pt-res", 2))
+  x = clean.array("resid_post.2")
+  f = dl.encode(sae, x)
+  latent = int(np.argmax(np.asarray((f > 0).sum(axis=(0, 1)))))
+  want = x + (3.0 - f[..., latent:latent + 1]) * sae.w_dec[latent]
+  want = jnp.concatenate([x[:, :1], want[:, 1:]], axis=1)
+  got = dp.run_with_cache(dp.clamp(model, sae, [latent], 3.0), PROMPT, ["resid_post.2"])[1]
+  np.testing.assert_allclose(got.array("resid_post.2"), want, atol=1e-4)
+  everything = dp.run_with_cache(dp.ablate(model, sae, range(sae.width)), PROMPT,
+                                 ["resid_post.2"])[1]
+  want = x - (dl.forward(sae, x) - sae.b_dec)
+  np.testing.assert_allclose(everything.array("resid_post.2")[:, 1:], want[:, 1:], atol=1e-4)
 
 
 def test_kv_cached_sampling_with_a_gs1_splice(model, tmp_path):
