@@ -187,6 +187,10 @@ def test_corpus_folder_file_and_strings(tmp_path):
     list(C.documents([b"bytes"]))
   name, docs = C.default_corpus()
   assert docs and all(isinstance(t, str) for t in docs)
+  # Prose and code in turn: the first few documents already hold both.
+  assert name.endswith("+python-stdlib") and any("def " in d for d in docs[:2])
+  assert any("licen" in d.lower() or "topic" in d.lower() for d in docs[:2])
+  assert C.from_argument("stdlib")[1] == C.stdlib_documents()
 
 
 def test_summary_page_renders_and_names_stay_text(model, tmp_path):

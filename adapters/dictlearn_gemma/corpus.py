@@ -17,7 +17,9 @@ Nothing here imports a neural-network framework (numpy only).
 
 from __future__ import annotations
 
+import itertools
 import os
+import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -118,18 +120,41 @@ def pydoc_documents() -> list[str]:
   return [topics.topics[k] for k in sorted(topics.topics)]
 
 
+def stdlib_documents() -> list[str]:
+  """The running Python's standard-library modules (the top-level ``*.py`` files of
+  ``sysconfig``'s stdlib folder, sorted): real code, shipped wherever Python is."""
+  folder = Path(sysconfig.get_paths()["stdlib"])
+  return [f.read_text(encoding="utf-8", errors="replace") for f in sorted(folder.glob("*.py"))
+          if f.is_file()]
+
+
+def _interleave(*lists: list[str]) -> list[str]:
+  out = []
+  for group in itertools.zip_longest(*lists):
+    out += [doc for doc in group if doc is not None]
+  return out
+
+
 def default_corpus() -> tuple[str, list[str]]:
-  """``(name, documents)``: the licence texts Debian's ``base-files`` ships in
-  /usr/share/common-licenses (English prose, about 50k tokens), else Python's pydoc
-  topics."""
+  """``(name, documents)``: English prose and code, one document from each in turn (so any
+  token budget sees both): the licence texts Debian's ``base-files`` ships in
+  /usr/share/common-licenses (about 50k tokens; Python's pydoc topics where that folder is
+  missing), and the Python standard library's modules (``stdlib_documents``, about 1.3M
+  tokens)."""
   if DEBIAN_LICENSES.is_dir() and _files(DEBIAN_LICENSES):
-    return str(DEBIAN_LICENSES), list(documents(DEBIAN_LICENSES))
-  return "pydoc", pydoc_documents()
+    prose_name, prose = "debian-licenses", list(documents(DEBIAN_LICENSES))
+  else:
+    prose_name, prose = "pydoc", pydoc_documents()
+  code = stdlib_documents()
+  if not code:
+    return prose_name, prose
+  return f"{prose_name}+python-stdlib", _interleave(prose, code)
 
 
 def from_argument(arg: str | None) -> tuple[str, object]:
-  """``(name, corpus)`` for a command's ``--corpus``: None or "" the default corpus, "pydoc"
-  Python's reference text, else a folder or file path.
+  """``(name, corpus)`` for a command's ``--corpus``: None or "" the default corpus
+  (``default_corpus``), "pydoc" Python's reference text, "stdlib" Python's standard
+  library, else a folder or file path.
 
   Raises:
     FileNotFoundError: a path that does not exist (the message names what may be given).
@@ -138,7 +163,9 @@ def from_argument(arg: str | None) -> tuple[str, object]:
     return default_corpus()
   if arg == "pydoc":
     return "pydoc", pydoc_documents()
+  if arg == "stdlib":
+    return "python-stdlib", stdlib_documents()
   if not Path(arg).exists():
     raise FileNotFoundError(f"--corpus {arg} does not exist (a folder of text files, a file, "
-                            "or 'pydoc')")
+                            "'pydoc' or 'stdlib')")
   return arg, arg

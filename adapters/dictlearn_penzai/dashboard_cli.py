@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--dictionary", required=True,
                   help="a dictionary folder (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
-                  "'pydoc' (default: /usr/share/common-licenses, else pydoc)")
+                  "'pydoc' or 'stdlib' (default: Debian's licence texts and Python's "
+                       "standard library, interleaved)")
   ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=200_000, help="non-padding tokens to read")
   ap.add_argument("--latents", help="which latents: 'start:stop', 'i', 'i,j,k' or 'all' "

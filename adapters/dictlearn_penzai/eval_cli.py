@@ -7,9 +7,10 @@ Example (the two demo dictionaries on the default corpus)::
 One streamed pass evaluates every dictionary (``dictlearn_penzai.evaluate``); each gets
 ``<out>/<name>.json`` (SAEBench core's ``eval_result_metrics`` layout, plus the config),
 and ``<out>/summary.html`` plots L0 against FVU and against the CE loss score, one point
-per dictionary (self-contained: plotly inline, no network). The default corpus is the
-licence texts Debian ships in /usr/share/common-licenses (English prose), else Python's
-pydoc topics.
+per dictionary (self-contained: plotly inline, no network). The default corpus is
+English prose and code, one document of each in turn: the licence texts Debian ships in
+/usr/share/common-licenses (else Python's pydoc topics) and Python's standard library
+(``dictlearn_gemma.corpus.default_corpus``).
 
 Many processes: the same command in each, with ``--coordinator HOST:PORT --num-processes N
 --process-id I`` or, on a TPU pod slice or under SLURM, none of them (JAX detects the
@@ -36,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--dictionary", nargs="+", required=True,
                   help="dictionary folders (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
-                  "'pydoc' (default: /usr/share/common-licenses, else pydoc)")
+                  "'pydoc' or 'stdlib' (default: Debian's licence texts and Python's "
+                       "standard library, interleaved)")
   ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=20_000, help="non-padding tokens to evaluate")
   ap.add_argument("--seq-len", type=int, default=128)
