@@ -53,6 +53,7 @@ Shapes: logits (batch, seq, vocab); tokens, positions (batch, seq) int; target, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Hashable, Mapping
 
@@ -89,17 +90,44 @@ def _check(name: str, a, shape: tuple, what: str):
     raise ValueError(f"{name} has shape {tuple(a.shape)}; expected {tuple(shape)} ({what})")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CleanLogits:
+  """A batch's clean next-token distributions, computed once (``clean_predictions``), shared
+  by every patched run of that batch. Shapes: logits (..., seq - 1, vocab) float32 (the
+  predictions, the last position dropped) and their probabilities; lse, ce, keep
+  (..., seq - 1); next_tokens (..., seq - 1, 1) int32."""
+
+  logits: Array
+  probs: Array
+  lse: Array
+  ce: Array
+  keep: Array
+  next_tokens: Array
+
+
 @jax.jit
-def _loss_batch(clean_logits, patched_logits, tokens, positions):
-  keep = prediction_mask(positions)
-  lc = jax.nn.log_softmax(clean_logits[..., :-1, :].astype(jnp.float32), axis=-1)
-  lp = jax.nn.log_softmax(patched_logits[..., :-1, :].astype(jnp.float32), axis=-1)
+def clean_predictions(logits, tokens, positions) -> CleanLogits:
+  """The ``CleanLogits`` of a batch: logits (..., seq, vocab), tokens and positions
+  (..., seq)."""
+  z = logits[..., :-1, :].astype(jnp.float32)
+  lse = jax.nn.logsumexp(z, axis=-1)
   nxt = tokens[..., 1:, None].astype(jnp.int32)
-  ce_c = -jnp.take_along_axis(lc, nxt, axis=-1)[..., 0]
-  ce_p = -jnp.take_along_axis(lp, nxt, axis=-1)[..., 0]
-  kl = jnp.sum(jnp.exp(lc) * (lc - lp), axis=-1)
-  total = lambda v: jnp.sum(jnp.where(keep, v, 0.0))  # noqa: E731 (where: pads may be NaN)
-  return total(ce_c), total(ce_p), total(kl), jnp.sum(keep)
+  ce = lse - jnp.take_along_axis(z, nxt, axis=-1)[..., 0]
+  return CleanLogits(logits=z, probs=jnp.exp(z - lse[..., None]), lse=lse, ce=ce,
+                     keep=prediction_mask(positions), next_tokens=nxt)
+
+
+@jax.jit
+def _loss_batch(clean: CleanLogits, patched_logits):
+  # KL(p || q) = sum p (z_p - z_q) + lse_q - lse_p (sum p = 1): one pass over the patched
+  # logits besides its logsumexp, exactly 0 where they equal the clean ones.
+  zq = patched_logits[..., :-1, :].astype(jnp.float32)
+  lse = jax.nn.logsumexp(zq, axis=-1)
+  ce = lse - jnp.take_along_axis(zq, clean.next_tokens, axis=-1)[..., 0]
+  kl = jnp.sum(clean.probs * (clean.logits - zq), axis=-1) + lse - clean.lse
+  total = lambda v: jnp.sum(jnp.where(clean.keep, v, 0.0))  # noqa: E731 (where: pads may be NaN)
+  return total(clean.ce), total(ce), total(kl), jnp.sum(clean.keep)
 
 
 class LossSums:
@@ -112,13 +140,19 @@ class LossSums:
     self.n = 0
 
   def add(self, clean_logits, patched_logits, tokens, positions) -> None:
-    """Adds one batch: logits (batch, seq, vocab), tokens and positions (batch, seq)."""
+    """Adds one batch: logits (batch, seq, vocab) (the clean ones may be the batch's
+    ``CleanLogits``, to share them between runs), tokens and positions (batch, seq)."""
     tokens = jnp.asarray(tokens)
     _check("positions", jnp.asarray(positions), tokens.shape, "the tokens' shape")
-    _check("clean_logits", clean_logits, (*tokens.shape, clean_logits.shape[-1]),
+    _check("patched_logits", patched_logits, (*tokens.shape, patched_logits.shape[-1]),
            "tokens.shape + (vocab,)")
-    _check("patched_logits", patched_logits, clean_logits.shape, "clean_logits' shape")
-    c, p, kl, n = jax.device_get(_loss_batch(clean_logits, patched_logits, tokens, positions))
+    if not isinstance(clean_logits, CleanLogits):
+      _check("clean_logits", clean_logits, patched_logits.shape, "patched_logits' shape")
+      clean_logits = clean_predictions(clean_logits, tokens, positions)
+    _check("clean_logits", clean_logits.logits,
+           (*tokens.shape[:-1], tokens.shape[-1] - 1, patched_logits.shape[-1]),
+           "the clean logits of these tokens")
+    c, p, kl, n = jax.device_get(_loss_batch(clean_logits, patched_logits))
     self.ce_clean += float(c)
     self.ce_patched += float(p)
     self.kl += float(kl)

@@ -139,7 +139,9 @@ def evaluate(model, tokenizer, corpus, dictionaries, *, tokens: int | None = 20_
       mask = evals.token_mask(plain_pos)[..., None]
       logits, cache = hooks.run_with_cache(model, tok, needed, pad_id=pad_id,
                                            token_positions=pos)
-      clean = logits.unwrap("batch", "seq", "vocabulary")
+      # Shared by every patched run of the batch (its logsumexp and CE computed once).
+      clean = evals.clean_predictions(logits.unwrap("batch", "seq", "vocabulary"), plain_tok,
+                                      plain_pos)
 
       def patched(site, value):
         out = hooks.call(_replaced(model, site, value), tok, pad_id=pad_id,
