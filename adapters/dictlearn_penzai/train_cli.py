@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import dictlearn as dl
 import dictlearn.train
 from dictlearn import distributed as dist
+from dictlearn_gemma import corpus as C
 from dictlearn_penzai import sites as S
-from dictlearn_penzai.harvesting import harvest, pydoc_corpus
+from dictlearn_penzai.harvesting import harvest
 
 
 def default_model() -> str:
@@ -44,17 +45,15 @@ def default_model() -> str:
 
 
 def read_corpus(spec: str) -> list[str]:
-  """``pydoc`` (Python's reference text) or text files/folders, comma separated."""
+  """The documents of ``--corpus``: comma-separated parts, each read as ``dictlearn eval``
+  reads its corpus (``dictlearn_gemma.corpus.from_argument``: "" the default corpus,
+  "pydoc", "stdlib", a folder of text files or a file)."""
   texts = []
   for part in spec.split(","):
-    if part == "pydoc":
-      texts += pydoc_corpus()
-      continue
-    p = Path(part)
-    if not p.exists():
-      raise SystemExit(f"--corpus: {part} does not exist (use 'pydoc' or text files/folders)")
-    files = sorted(p.rglob("*.txt")) if p.is_dir() else [p]
-    texts += [f.read_text(errors="replace") for f in files]
+    try:
+      texts += list(C.documents(C.from_argument(part.strip())[1]))
+    except FileNotFoundError as e:
+      raise SystemExit(str(e)) from e
   return texts
 
 
@@ -68,7 +67,9 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--width", type=int, required=True)
   ap.add_argument("--target-l0", type=float, default=32.0)
   ap.add_argument("--affine", action="store_true", help="transcoders: learn a skip connection")
-  ap.add_argument("--corpus", default="pydoc", help="'pydoc' or text files/folders, comma separated")
+  ap.add_argument("--corpus", default="",
+                  help="folders of text files, files, 'pydoc' or 'stdlib', comma separated "
+                       "(default: Debian's licence texts and Python's standard library)")
   ap.add_argument("--tokens", type=int, default=100_000, help="tokens to harvest")
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--harvest-batch", type=int, default=8)
