@@ -17,6 +17,10 @@ transformers' rule for images: bidirectional within an image, but still cut by t
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 
 SEED = 17  # A seed whose greedy continuation changes token (many repeat one).
@@ -110,3 +114,18 @@ def tokenizer():
 
   scores = [0.0 if kind != 1 else -float(i) for i, (_, kind) in enumerate(PIECES)]
   return Tokenizer.from_vocabulary([p for p, _ in PIECES], scores, [k for _, k in PIECES])
+
+
+FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "gemma3_vision")
+
+
+def copy_fixture_with(tmp_path, change) -> Path:
+  """A copy of the fixture folder, ``tmp_path / "vlm"``, whose safetensors ``change``
+  (called with the dict of arrays) edited in place."""
+  from safetensors.numpy import load_file, save_file
+  out = Path(tmp_path) / "vlm"
+  shutil.copytree(FOLDER, out)
+  tensors = load_file(out / "model.safetensors")
+  change(tensors)
+  save_file(tensors, out / "model.safetensors")
+  return out

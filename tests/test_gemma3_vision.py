@@ -10,7 +10,6 @@ images and tokenizer, and ``reference.npz`` (``scripts/make_gemma3_vision_fixtur
 
 import dataclasses
 import os
-import shutil
 
 import gemma3_vision_tiny as tiny
 import jax
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 from gemma_layouts import flat_layout, nested_layout
 from penzai import pz
-from safetensors.numpy import load_file, save_file
 
 import dictlearn as dl
 import dictlearn_penzai as dp
@@ -292,17 +290,8 @@ def dl_text_from(folder):
   return load_orbax_params(folder)
 
 
-def _copy_with(tmp_path, change):
-  out = tmp_path / "vlm"
-  shutil.copytree(FOLDER, out)
-  tensors = load_file(os.path.join(out, "model.safetensors"))
-  change(tensors)
-  save_file(tensors, os.path.join(out, "model.safetensors"))
-  return out
-
-
 def test_text_only_folder_has_no_vision(tmp_path):
-  folder = _copy_with(tmp_path, lambda t: [t.pop(k) for k in list(t)
+  folder = tiny.copy_fixture_with(tmp_path, lambda t: [t.pop(k) for k in list(t)
                                            if not k.startswith("language_model.")])
   model, _ = dp.load_gemma(folder)
   assert not pz.select(model).at_instances_of(V.StitchImages).count()

@@ -6,11 +6,10 @@ projector, the vision loaders, against transformers on the tiny random model of
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
+from gemma3_vision_tiny import copy_fixture_with
 
 from dictlearn_gemma import image_preprocess
 from dictlearn_gemma.load_safetensors import load_safetensors_params
@@ -94,15 +93,6 @@ def test_image_features_equal_transformers():
 # ------------------------------------------------------------------ loading
 
 
-def _copy_with(tmp_path, change):
-  out = tmp_path / "vlm"
-  shutil.copytree(FOLDER, out)
-  tensors = load_file(os.path.join(out, "model.safetensors"))
-  change(tensors)
-  save_file(tensors, os.path.join(out, "model.safetensors"))
-  return out
-
-
 @pytest.mark.parametrize("change, match", [
     (lambda t: t.pop("vision_tower.encoder.layers.1.mlp.fc2.bias"),
      r"missing 1 vision tensor.*encoderblock_1/MlpBlock_0/Dense_1/bias"),
@@ -117,7 +107,7 @@ def _copy_with(tmp_path, change):
 ])
 def test_bad_vision_weights_are_refused_by_name(tmp_path, change, match):
   with pytest.raises(ValueError, match=match):
-    load_hf_vision(_copy_with(tmp_path, change))
+    load_hf_vision(copy_fixture_with(tmp_path, change))
 
 
 def test_newer_hub_names_load_too(tmp_path):
@@ -130,7 +120,7 @@ def test_newer_hub_names_load_too(tmp_path):
       k = k.replace("vision_tower.", "model.vision_tower.vision_model.")
       k = k.replace("multi_modal_projector.", "model.multi_modal_projector.")
       t[k] = v
-  folder = _copy_with(tmp_path, rename)
+  folder = copy_fixture_with(tmp_path, rename)
   a, b = load_hf_vision(folder), load_hf_vision(FOLDER)
   assert a.params.keys() == b.params.keys()
   for key in a.params:
