@@ -93,6 +93,18 @@ def write_folder(folder: str | os.PathLike, seed: int = SEED, scale: float = 1.0
   return folder
 
 
+
+def load_model(folder: str | os.PathLike):
+  """The penzai Gemma 2 of ``write_folder(folder)`` (``dictlearn_penzai.load_gemma``; the
+  folder has no tokenizer, so the loader's warning about it is expected and swallowed)."""
+  import warnings
+
+  from dictlearn_penzai import load_gemma
+  path = write_folder(folder)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="no tokenizer.model")
+    return load_gemma(path)[0]
+
 # transformers block tensor -> llama.cpp's name (Gemma 2: Gemma 3's without the QK-norms).
 _GGUF_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

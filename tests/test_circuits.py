@@ -34,9 +34,7 @@ def tiny():
 def tiny_gemma2(tmp_path_factory):
   """The tiny random Gemma 2 of test_gemma2 (attention and final logit soft-caps 5 and 8)."""
   import gemma2_tiny
-  from dictlearn_penzai import load_gemma
-  with pytest.warns(UserWarning, match="no tokenizer.model"):
-    model = load_gemma(gemma2_tiny.write_folder(tmp_path_factory.mktemp("g2") / "tiny"))[0]
+  model = gemma2_tiny.load_model(tmp_path_factory.mktemp("g2") / "tiny")
   return model, _random_transcoders(4, 64)
 
 

@@ -57,10 +57,8 @@ def any_model(request, tmp_path_factory):
   if request.param == "gemma3":
     return request.getfixturevalue("model"), D_MODEL
   import gemma2_tiny
-  from dictlearn_penzai import load_gemma
-  with pytest.warns(UserWarning, match="no tokenizer.model"):
-    folder = gemma2_tiny.write_folder(tmp_path_factory.mktemp("g2") / "tiny")
-    return load_gemma(folder)[0], gemma2_tiny.CONFIG["hidden_size"]
+  return (gemma2_tiny.load_model(tmp_path_factory.mktemp("g2") / "tiny"),
+          gemma2_tiny.CONFIG["hidden_size"])
 
 
 KW = dict(k=6, n_quantiles=3, examples_per_quantile=2)  # the CLI test's too: one compile

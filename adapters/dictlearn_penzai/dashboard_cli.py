@@ -30,7 +30,7 @@ def parser() -> argparse.ArgumentParser:
                   help="a dictionary folder (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
                   "'pydoc' or 'stdlib' (default: Debian's licence texts and Python's "
-                       "standard library, interleaved)")
+                  "standard library, interleaved)")
   ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=200_000, help="non-padding tokens to read")
   ap.add_argument("--latents", help="which latents: 'start:stop', 'i', 'i,j,k' or 'all' "

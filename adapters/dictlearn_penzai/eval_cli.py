@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
                   help="dictionary folders (Gemma Scope 2 layout, dictlearn.load)")
   ap.add_argument("--corpus", help="a folder of text files (one document each), a file, or "
                   "'pydoc' or 'stdlib' (default: Debian's licence texts and Python's "
-                       "standard library, interleaved)")
+                  "standard library, interleaved)")
   ap.add_argument("--model", help="a Gemma 3 or Gemma 2: GGUF file, HF folder or Gemma checkpoint (default: the 270M)")
   ap.add_argument("--tokens", type=int, default=20_000, help="non-padding tokens to evaluate")
   ap.add_argument("--seq-len", type=int, default=128)
