@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dictlearn_gemma.load_safetensors import read_hf_config, safetensors_files
+from dictlearn_gemma.params import flatten_tree
 from dictlearn_gemma.vision import (
     ENCODER, PROJECTION, SOFT_NORM, SiglipConfig, check_vision_params, infer_siglip_config)
 
@@ -133,23 +134,13 @@ def hf_to_vision_params(tensors: Mapping[str, Any], heads: int, source: str = "c
   return out
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flatten(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def flax_to_vision_params(tree: Mapping) -> dict[str, np.ndarray]:
   """The vision part of a ``gemma`` package param tree (FLAT, NESTED or ``{"params": ...}``)
   as the canonical vision tree; text tensors are left out."""
   if set(tree) >= {"params", "step"} or set(tree) == {"params"}:
     tree = tree["params"]
   out = {}
-  for key, value in _flatten(tree).items():
+  for key, value in flatten_tree(tree).items():
     key = re.sub(r"^(transformer/)?vision_encoder/", "SigLiPFromPatches_0/", key)
     if key.startswith("SigLiPFromPatches_0/"):
       out[key] = np.asarray(value)

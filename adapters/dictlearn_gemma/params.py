@@ -69,12 +69,13 @@ def expected_shapes(config: Gemma3Config | Gemma2Config) -> dict[str, tuple[int,
   return shapes
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """``{"a/b/c": leaf}`` from a nested mapping (the gemma package's flax layouts)."""
   out = {}
   for key, value in tree.items():
     path = f"{prefix}{key}"
     if isinstance(value, Mapping):
-      out.update(_flatten(value, path + "/"))
+      out.update(flatten_tree(value, path + "/"))
     else:
       out[path] = value
   return out
@@ -93,7 +94,7 @@ def normalize_gemma_params(params: Mapping) -> dict[str, Any]:
     raise ValueError(f"expected a dict of Gemma parameters, got {type(params).__name__}")
   if set(params) >= {"params", "step"} or set(params) == {"params"}:
     params = params["params"]
-  flat = _flatten(params)
+  flat = flatten_tree(params)
   if any(k.startswith("transformer/stacked_layers") for k in flat):
     raise ValueError("stacked-layer Gemma checkpoints (transformer/stacked_layers/...) are not "
                      "supported; convert them to the per-layer layout with gemma.gm.ckpts first")
