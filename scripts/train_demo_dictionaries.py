@@ -5,8 +5,8 @@
 ``--activations DIR`` keeps the harvest in DIR (and reuses it when DIR already holds one).
 About 10 minutes of harvesting and 10 of training per dictionary on a 2-core CPU.
 
-One harvest over Python's reference text (``pydoc_data.topics``) collects resid_post,
-mlp_in and mlp_out of layer 9 (the middle of 18 layers; a Gemma Scope 2 sweep layer), then:
+One harvest over the default corpus (``dictlearn_gemma.corpus.default_corpus``: English
+prose and Python code, interleaved) collects resid_post, mlp_in and mlp_out of layer 9 (the middle of 18 layers; a Gemma Scope 2 sweep layer), then:
 
 * an SAE on resid_post(9), width 2048, target L0 32;
 * an affine transcoder mlp_in(9) -> mlp_out(9), width 2048, target L0 32.
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import dictlearn as dl
 import dictlearn.train
 from dictlearn_penzai import sites
-from dictlearn_penzai.harvesting import harvest, pydoc_corpus
+from dictlearn_gemma import corpus
+from dictlearn_penzai.harvesting import harvest
 from dictlearn_penzai.loading import load_gemma3
 from dictlearn_penzai.train_cli import default_model
 
@@ -45,11 +46,12 @@ def main():
   src, mid, dst = sites.resid_post(LAYER), sites.mlp_in(LAYER), sites.mlp_out(LAYER)
   with tempfile.TemporaryDirectory() as tmp:
     acts = Path(args.activations or tmp)
+    corpus_name, docs = corpus.default_corpus()
     if (acts / "resid_post_9" / "meta.json").exists():
       folders = {s: str(acts / f"{s.kind}_{s.layer}") for s in (src, mid, dst)}
     else:
       model, tok = load_gemma3(default_model())
-      folders = harvest(model, tok, pydoc_corpus(), [src, mid, dst], seq_len=128, batch_size=8,
+      folders = harvest(model, tok, corpus.documents(docs), [src, mid, dst], seq_len=128, batch_size=8,
                         out=acts, max_tokens=TOKENS, model_name="gemma-3-270m")
     jobs = {
         "sae": dict(data=folders[src], kind="sae", site=src, site_out=src, targets=None),
@@ -63,7 +65,8 @@ def main():
                          site_out=job["site_out"].kind, model_name="gemma-3-270m",
                          hook_point_in=job["site"].hook_point,
                          hook_point_out=job["site_out"].hook_point,
-                         source=f"scripts/train_demo_dictionaries.py ({TOKENS} tokens of pydoc)")
+                         source=f"scripts/train_demo_dictionaries.py ({TOKENS} tokens of "
+                                f"{corpus_name})")
       d, hist = dl.train.fit(job["data"], kind=job["kind"], width=WIDTH, target_l0=TARGET_L0,
                              targets=job["targets"], affine=True, meta=meta, **TRAIN)
       d = d.replace(meta=d.meta.replace(l0=round(float(hist["l0"][-1]), 2)))

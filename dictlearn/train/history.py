@@ -27,6 +27,7 @@ def log_row(state, done: int, cfg: TrainConfig, opt) -> dict:
   n = max(float(acc["n"]), 1.0)
   since = np.asarray(jax.device_get(state["since_fired"]))
   row = {k: float(acc[k]) / n for k in METRICS}
+  row["fvu"] = float(acc["sse"]) / max(float(acc["var"]), 1e-30)
   row["step"] = done
   row["dead_fraction"] = float(np.mean(since >= cfg.dead_window_tokens))
   row["learning_rate"] = float(opt.lr_at(done - 1))

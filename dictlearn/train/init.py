@@ -31,7 +31,9 @@ from dictlearn.train.config import TrainConfig
 # sites get fewer rounds, down to none (plain data rows).
 ROUNDS = 8
 ROUND_FLOPS = 4e11
-METRICS = ("loss", "mse", "l0", "fvu", "penalty")
+# Per-step metrics a history row averages over its window, and the sums its FVU divides.
+METRICS = ("loss", "mse", "l0", "penalty")
+SUMS = ("sse", "var")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,5 +205,5 @@ def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> di
       "step": jnp.zeros((), jnp.int32),
       "since_fired": jnp.zeros((cfg.width,), jnp.int32),
       "fired_rows": jnp.zeros((cfg.width,), jnp.int32),
-      "acc": {k: jnp.zeros((), jnp.float32) for k in (*METRICS, "n")},
+      "acc": {k: jnp.zeros((), jnp.float32) for k in (*METRICS, *SUMS, "n")},
   }

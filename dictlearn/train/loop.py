@@ -106,9 +106,11 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
 
   Returns:
     ``dictionary``: a ``JumpReLUSAE`` or ``Transcoder`` (float32) on raw activations.
-    ``history``: dict of numpy arrays, one entry per logged step: ``step``, ``loss``,
-      ``mse`` (raw units, mean over features), ``l0``, ``fvu``, ``dead_fraction``,
-      ``penalty``, ``learning_rate``, ``sparsity_coeff``.
+    ``history``: dict of numpy arrays, one entry per logged step (each over the window
+      of steps since the last): ``step``, ``loss``, ``mse`` (raw units, mean over
+      features), ``l0``, ``fvu`` (the window's summed squared error over its rows' summed
+      variance, as a corpus FVU), ``dead_fraction``, ``penalty``, ``learning_rate``,
+      ``sparsity_coeff``.
   """
   cfg = (TrainConfig() if config is None else config).replace(**overrides)
   if targets is not None and cfg.kind == "sae":

@@ -84,11 +84,15 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
         "loss": loss,
         "mse": aux["sse"] / (cfg.d_out * s_out * s_out),
         "l0": aux["l0"],
-        "fvu": aux["sse"] * cfg.batch_size / jnp.maximum(aux["var"], 1e-30),
         "penalty": aux["penalty"],
+        # FVU is the window's summed squared error over its summed variance, not a mean of
+        # per-batch ratios: a rare batch with a badly reconstructed row must weigh as
+        # its rows do in a corpus FVU, neither more nor less.
+        "sse": aux["sse"] * cfg.batch_size,
+        "var": aux["var"],
         "n": jnp.ones((), jnp.float32),
     }
-    # A history entry averages the steps of its window; a window starts every log_every.
+    # A history entry sums the steps of its window; a window starts every log_every.
     fresh = state["step"] % cfg.log_every == 0
     acc = {k: jnp.where(fresh, metrics[k], state["acc"][k] + metrics[k]) for k in metrics}
     # Saturates (after the last resampling nothing resets it) instead of overflowing.

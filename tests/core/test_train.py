@@ -460,3 +460,22 @@ def test_compile_key_comes_from_field_metadata():
   assert "bandwidth" not in init_only and "learning_rate" not in init_only
   assert cfg.replace(seed=5, init_samples=10).step_key() == cfg.step_key()
   assert cfg.replace(bandwidth=0.5).step_key() != cfg.step_key()
+
+
+def test_logged_fvu_weighs_rows_as_a_corpus_fvu_does():
+  # A few rows far larger than the rest (as Gemma's massive activations are): the logged
+  # FVU must be the window's summed error over its summed variance, the FVU of the rows
+  # it trained on, not a mean of per-batch ratios, which a batch holding a big row sways.
+  x, _, _, _ = sparse_data(4096, 64, 16, 2, seed=3)
+  rng = np.random.default_rng(0)
+  big = rng.choice(len(x), 6, replace=False)
+  x[big] = 40.0 * rng.standard_normal((6, 16)).astype(np.float32)
+  # A learning rate this small leaves the dictionary at its start, so the one window of
+  # 16 steps x 256 rows (every row once) is scored by the dictionary fit returns.
+  d, h = fit(x, kind="sae", width=64, target_l0=2, steps=16, batch_size=256, log_every=16,
+             learning_rate=1e-12, threshold_learning_rate=1e-12, resample_every=0,
+             progress=False)
+  direct = float(dictlearn.metrics.fvu(x, dictlearn.forward(d, x)))
+  # Each batch is centred on its own mean, which leaves out about 1/batch_size of the
+  # variance.
+  np.testing.assert_allclose(h["fvu"][-1], direct, rtol=0.02)
