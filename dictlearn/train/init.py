@@ -145,18 +145,24 @@ def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig,
   direction reinforce it and the rest average out, like a few k-means steps. An SAE's
   encoder is the decoder transposed; a transcoder's encoder columns are the mean centred
   inputs of the same rows. Latents beyond the sample's size keep their random start.
+
+  The rounds are spherical: rows are unit-normed first, so a row counts by its direction
+  alone. With raw rows a row of norm r weighs r^2 (once through its read, once through
+  its value), and the rare massive-activation tokens of a Gemma residual (norm ~10x the
+  median at 0.02% of tokens) pulled most latents onto their one direction, from which
+  training did not recover (benchmarks/RESULTS.md).
   """
-  xs, ys = init.sample, init.targets
-  n = xs.shape[0]
+  n = init.sample.shape[0]
   m_lat = min(cfg.width, n)
-  rounds = int(min(ROUNDS, ROUND_FLOPS // max(2.0 * n * m_lat * xs.shape[1], 1.0)))
+  rounds = int(min(ROUNDS, ROUND_FLOPS // max(2.0 * n * m_lat * init.sample.shape[1], 1.0)))
   pick = np.random.default_rng([cfg.seed, 11]).permutation(n)[:m_lat]
-  xc = xs - xs.mean(0) if cfg.kind == "transcoder" else ys
 
   def unit(a, axis):
     norm = np.linalg.norm(a, axis=axis, keepdims=True)
     return a / np.maximum(norm, 1e-12), np.squeeze(norm, axis) > 1e-12
 
+  xs, ys = unit(init.sample, 1)[0], unit(init.targets, 1)[0]
+  xc = unit(init.sample - init.sample.mean(0), 1)[0] if cfg.kind == "transcoder" else ys
   dec, ok = unit(ys[pick], 1)
   enc = unit(xc[pick], 1)[0].T if cfg.kind == "transcoder" else dec.T
   rate = (cfg.target_l0 if cfg.target_l0 is not None else cfg.init_firing_rate * cfg.width)
