@@ -3,7 +3,7 @@
 Example (the tour's demo SAE, as ``scripts/train_demo_dictionaries.py`` trains it)::
 
   dictlearn train --site resid_post --layer 9 --width 2048 --target-l0 32 \\
-      --tokens 120000 --out demo_sae
+      --tokens 400000 --out demo_sae
 
 An SAE reads and reconstructs ``--site``; ``--kind transcoder`` reads ``mlp_in`` and predicts
 ``mlp_out`` of ``--layer`` (``--affine`` adds the skip connection). The result is a Gemma Scope
