@@ -39,6 +39,9 @@ class TrainConfig:
     steps: optimiser steps (required).
     batch_size: rows per step (required).
     learning_rate: peak Adam learning rate of the encoder, decoder and biases (required).
+      1e-3 suits runs of a few thousand steps (``dictlearn train``'s default); at 3e-4
+      such runs on the 270M's residual reconstruct its massive-norm tokens badly or miss
+      the target L0 (benchmarks/RESULTS.md).
     seed: initialisation and data order; the run is a function of it.
     target_l0: train towards this mean L0 with the quadratic target penalty
       ``coeff * (L0 / target_l0 - 1)^2``.
