@@ -28,11 +28,13 @@ from dictlearn_penzai import sites
 from dictlearn_gemma import corpus
 from dictlearn_penzai.harvesting import harvest
 from dictlearn_penzai.loading import load_gemma3
-from dictlearn_penzai.train_cli import default_model
+from dictlearn_penzai.train_cli import default_model, parser
 
 LAYER, WIDTH, TARGET_L0, TOKENS = 9, 2048, 32.0, 400_000
-# `dictlearn train`'s defaults: everything else is fit's.
-TRAIN = dict(steps=2000, batch_size=1024, learning_rate=1e-3, seed=0)
+# `dictlearn train`'s defaults; everything else is fit's.
+_CLI = parser()
+TRAIN = dict(steps=_CLI.get_default("steps"), batch_size=_CLI.get_default("batch_size"),
+             learning_rate=_CLI.get_default("lr"), seed=_CLI.get_default("seed"))
 OUT = Path(__file__).resolve().parents[1] / "adapters" / "dictlearn_penzai" / "demo"
 
 

@@ -161,10 +161,11 @@ def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig,
     norm = np.linalg.norm(a, axis=axis, keepdims=True)
     return a / np.maximum(norm, 1e-12), np.squeeze(norm, axis) > 1e-12
 
-  xs, ys = unit(init.sample, 1)[0], unit(init.targets, 1)[0]
+  xs = unit(init.sample, 1)[0]
+  ys, nonzero = unit(init.targets, 1)
   xc = unit(init.sample - init.sample.mean(0), 1)[0] if cfg.kind == "transcoder" else ys
-  dec, ok = unit(ys[pick], 1)
-  enc = unit(xc[pick], 1)[0].T if cfg.kind == "transcoder" else dec.T
+  dec, ok = ys[pick], nonzero[pick]
+  enc = xc[pick].T
   rate = (cfg.target_l0 if cfg.target_l0 is not None else cfg.init_firing_rate * cfg.width)
   top = int(min(n - 1, max(8, round(n * rate / cfg.width))))
   step = max(1, block_elems // max(n, 1))
