@@ -25,9 +25,12 @@ Feature activations and errors at position 0 (BOS) are set to 0: BOS carries no 
 The framework supplies a ``LinearizableModel``: a pure function running the blocks from
 the scaled embeddings with attention patterns and norm scales frozen (``stop_gradient``,
 or replayed from a recorded clean run), calling back into this module in place of each
-MLP. Rows of the adjacency are computed in batches as vector-Jacobian products of the
-targets with respect to per-source scalars (one per feature, error and token), so no
-(tokens x d) gradient tensor per row ever leaves the compiled function.
+MLP; and a function giving, from a recorded clean run, the frozen blocks as arrays
+(``LinearBlocks``: norm scales, attention patterns, value and output weights). Rows of the
+adjacency are computed in batches by one backward sweep through those arrays (a loop over
+layers, from the highest layer a batch's targets need down to the embeddings), which
+reads off each source's edge as it passes it, so no (tokens x d) gradient tensor per row
+ever leaves the compiled function.
 """
 
 from __future__ import annotations
@@ -63,9 +66,10 @@ class LinearizableModel:
       ``real(h)`` the model's own MLP output; ``y`` (n_pos, d) is used as ``mlp_out``.
       Attention patterns and norm scales carry no gradient. With ``record`` (a dict) it
       stores them there; with ``frozen`` (such a dict) it uses those values instead of
-      computing them. With ``n_blocks=k`` it runs only the first k blocks and returns
-      None (used for prompts of 256 tokens and more). Must be hashable (a module-level
-      function): it is static under jit.
+      computing them. Must be hashable (a module-level function): it is static under jit.
+    linear_blocks: ``linear_blocks(params, frozen, n_pos, d) -> LinearBlocks``: the
+      blocks of a clean run as arrays, ``frozen`` what ``forward`` recorded in it. Hashable
+      too.
     unembedding: (vocab, d): ``logits = final @ unembedding.T``.
     n_layers: number of blocks.
     logit_soft_cap: Gemma 2's final ``cap * tanh(logits / cap)`` (None: none). Logit nodes
@@ -75,9 +79,48 @@ class LinearizableModel:
 
   params: Any
   forward: Callable
+  linear_blocks: Callable
   unembedding: Array
   n_layers: int
   logit_soft_cap: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearBlocks:
+  """A prompt's blocks with attention patterns and norm scales frozen: linear maps.
+
+  With ``*`` elementwise, block l maps the residual ``x`` (n_pos, d) as
+
+      y = attn_norm[l] * x
+      z[q] = sum over kv, g, k of patterns[l, kv, g, q, k] * (y[k] @ w_v[l, kv]) @ w_o[l, kv, g]
+      x = x + attn_out_norm[l] * z                      (resid_mid)
+      h = mlp_norm[l] * x                               (mlp_in, the transcoder's input)
+      x = x + (the MLP's replacement: transcoder output, error; live only through the skip)
+
+  and the final norm's output is ``final_norm * x``. A frozen RMSNorm is a multiplier:
+  its clean 1/rms per position times its weight (Gemma's 1 + scale); a block without a
+  post-attention norm has ones there. Query head ``kv * group + g`` reads kv head ``kv``.
+
+  Attributes (float32):
+    attn_norm, attn_out_norm, mlp_norm: (L, n_pos, d).
+    patterns: (L, n_kv, group, n_pos, n_pos), after softmax (``[..., query, key]``).
+    w_v: (L, n_kv, d, head_dim).
+    w_o: (L, n_kv, group, head_dim, d).
+    final_norm: (n_pos, d).
+  """
+
+  attn_norm: Array
+  patterns: Array
+  w_v: Array
+  w_o: Array
+  attn_out_norm: Array
+  mlp_norm: Array
+  final_norm: Array
+
+
+jax.tree_util.register_dataclass(
+    LinearBlocks, data_fields=["attn_norm", "patterns", "w_v", "w_o", "attn_out_norm",
+                               "mlp_norm", "final_norm"], meta_fields=[])
 
 
 # ------------------------------------------------------------------ transcoders
@@ -221,56 +264,78 @@ def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
 # ------------------------------------------------------------------ the linear model
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "n_pos_run", "n_blocks"))
-def _rows(params, consts, target_ids, *, forward, n_pos_run, n_blocks):
+@functools.partial(jax.jit, static_argnames=("forward", "linear_blocks"))
+def _clean_blocks(params, x0, rep, unembedding, last, *, forward, linear_blocks):
+  """What attribution reads from the clean run of ``x0`` (n, d), whose positions after
+  ``last`` are padding: the run (``Clean``), its frozen blocks (``LinearBlocks``), each
+  layer's activations (BOS and padding zeroed), the logits at ``last`` (vocab,) and the
+  mean unembedding vector (d,)."""
+  mlp_in, mlp_out, final, frozen = _clean(params, x0, forward=forward, record=True)
+  blocks = linear_blocks(params, frozen, *x0.shape)
+  blocks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), blocks)
+  in_prompt = (jnp.arange(x0.shape[0]) <= last)[:, None]
+  acts = [None if a is None else a * in_prompt for a in activations(rep, mlp_in)[1]]
+  u = jnp.asarray(unembedding, jnp.float32)
+  return (Clean(mlp_in, mlp_out, final), blocks, acts, matmul(u, final[last]),
+          jnp.mean(u, axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("n_pos_run",))
+def _rows(blocks: LinearBlocks, consts, target_ids, *, n_pos_run):
   """Rows (B, n_slots + L * n_pos + n_pos) of the targets ``target_ids`` (B,), in slots:
-  target slot ``i < n_slots`` is a feature's pre-activation (``consts["enc"]`` lists each
-  layer's, padding included), ``n_slots + j`` is logit j; source columns are feature slots
-  (``consts["dec"]``'s ``src``), then errors (layer, position), then tokens.
+  target slot ``i < n_slots`` is a feature's pre-activation (``consts["enc_*"]``, padding
+  included), ``n_slots + j`` is logit j; source columns are feature slots (``dec_src``),
+  then errors (layer, position), then tokens.
 
-  Only the first ``n_pos_run`` positions and ``n_blocks`` blocks are run: enough for
-  targets at earlier positions and layers (the model is causal; a layer-L target reads
-  mlp_in of block L), whose sources outside that region have no effect on them.
+  One backward sweep: ``g`` (B, n, d) is each target's gradient with respect to the
+  residual, from the highest layer a target of the batch reads (a logit: past the last)
+  down to the embeddings. At each layer the edges of that layer's sources (decoder writes
+  and errors, added to the residual there) are ``g`` dotted with them; the layer's
+  feature targets enter at its mlp_in. Only the first ``n = n_pos_run`` positions run:
+  enough for targets before n (the model is causal; sources at or past n get no edge).
   """
-  n_layers, n_pos = consts["mlp_out"].shape[0], consts["mlp_out"].shape[1]
-  n_slots = sum(len(e["pos"]) for e in consts["enc"])
-  n_targets = n_slots + len(consts["logit_vecs"])
-  full = n_blocks == n_layers
-  x0 = consts["x0"][:n_pos_run]
-  mlp_out = consts["mlp_out"][:n_blocks, :n_pos_run]
-  err = consts["err"][:n_blocks, :n_pos_run]
+  n = n_pos_run
+  n_layers, n_pos = consts["err"].shape[:2]
+  n_slots = consts["enc_vec"].shape[0]
+  b = target_ids.shape[0]
+  is_logit = target_ids >= n_slots
+  feat = jnp.minimum(target_ids, n_slots - 1)
+  logit = jnp.clip(target_ids - n_slots, 0, consts["logit_vecs"].shape[0] - 1)
+  t_layer = jnp.where(is_logit, n_layers, consts["enc_layer"][feat])
+  t_pos = jnp.where(is_logit, consts["last"], consts["enc_pos"][feat])
+  t_vec = jnp.where(is_logit[:, None], 0.0, consts["enc_vec"][feat])
+  rows = jnp.arange(b)
+  # Logits read the final norm's output at the last position.
+  lvec = jnp.where(is_logit[:, None], consts["logit_vecs"][logit], 0.0)
+  g = jnp.zeros((b, n, consts["x0"].shape[-1])).at[rows, t_pos].set(
+      lvec * blocks.final_norm[t_pos])
+  err, x0 = consts["err"][:, :n], consts["x0"][:n]
+  top = jnp.max(jnp.minimum(t_layer, n_layers - 1))
 
-  def targets(c, e, t):
-    out = []
+  def layer(i, carry):
+    g, gc, ge = carry
+    l = top - i
+    # Sources added to the residual at this layer's mlp_out: decoder writes, errors.
+    dpos, dvec = consts["dec_pos"][l], consts["dec_vec"][l]
+    at = jnp.take(g, dpos, axis=1, mode="fill", fill_value=0.0)  # Past the prefix: none.
+    gc = gc.at[:, consts["dec_src"][l]].add(jnp.einsum("bnd,nd->bn", at, dvec))
+    ge = jax.lax.dynamic_update_index_in_dim(ge, jnp.einsum("bpd,pd->bp", g, err[l]), l, 1)
+    # The MLP passes a gradient only through the skip; this layer's targets enter here.
+    gh = jnp.einsum("bpo,io->bpi", g, consts["skip"][l])
+    gh = gh.at[rows, t_pos].add(jnp.where((t_layer == l)[:, None], t_vec, 0.0))
+    g = g + blocks.mlp_norm[l, :n] * gh
+    # Attention's value path, patterns frozen.
+    u = blocks.attn_out_norm[l, :n] * g
+    go = jnp.einsum("bqd,kghd->bkgqh", u, blocks.w_o[l])
+    gv = jnp.einsum("kgqs,bkgqh->bksh", blocks.patterns[l, :, :, :n, :n], go)
+    gy = jnp.einsum("bksh,kdh->bsd", gv, blocks.w_v[l])
+    return g + blocks.attn_norm[l, :n] * gy, gc, ge
 
-    def mlp(layer, h, real):
-      enc = consts["enc"][layer]
-      out.append(jnp.sum(h[enc["pos"]] * enc["vec"], -1) + enc["bias"])
-      y = mlp_out[layer]
-      w_skip = consts["skip"][layer]
-      if w_skip is not None:  # The only path by which a gradient crosses the MLP.
-        lin = matmul(h, w_skip)
-        y = jax.lax.stop_gradient(y - lin) + lin
-      dec = consts["dec"][layer]  # Writes past the prefix are dropped (out of bounds).
-      y = y.at[dec["pos"]].add(c[dec["src"]][:, None] * dec["vec"], mode="drop")
-      return y + e[layer][:, None] * err[layer]
-
-    x = x0 * (1.0 + t)[:, None]
-    if full:
-      final = forward(params, x, mlp)
-      out.append(matmul(final[consts["last"]], consts["logit_vecs"].T))
-    else:
-      forward(params, x, mlp, n_blocks=n_blocks)
-      out += [jnp.zeros(len(consts["enc"][layer]["pos"])) for layer in range(n_blocks, n_layers)]
-      out.append(jnp.zeros(len(consts["logit_vecs"])))
-    return jnp.concatenate(out)
-
-  zeros = (jnp.zeros((n_slots,)), jnp.zeros((n_blocks, n_pos_run)), jnp.zeros((n_pos_run,)))
-  _, vjp = jax.vjp(targets, *zeros)
-  gc, ge, gt = jax.vmap(vjp)(jax.nn.one_hot(target_ids, n_targets, dtype=jnp.float32))
-  b = len(target_ids)
-  ge = jnp.zeros((b, n_layers, n_pos)).at[:, :n_blocks, :n_pos_run].set(ge)
-  gt = jnp.zeros((b, n_pos)).at[:, :n_pos_run].set(gt)
+  init = (g, jnp.zeros((b, n_slots)), jnp.zeros((b, n_layers, n)))
+  g, gc, ge = jax.lax.fori_loop(0, top + 1, layer, init)
+  gt = jnp.einsum("bpd,pd->bp", g, x0)  # x = x0 * (1 + t): the token sources.
+  ge = jnp.zeros((b, n_layers, n_pos)).at[:, :, :n].set(ge)
+  gt = jnp.zeros((b, n_pos)).at[:, :n].set(gt)
   return jnp.concatenate([gc, ge.reshape(b, -1), gt], axis=1)
 
 
@@ -285,76 +350,73 @@ def bucket(n: int, least: int = 8) -> int:
   return -(-n // step) * step
 
 
-def row_buckets(n_pos: int, n_layers: int, long_from: int = 256):
-  """(prefix lengths, block counts) to run rows on: for long prompts, where the rows'
-  compute outweighs compiling a few more shapes, 4 prefixes and 3 depths; else the whole."""
+def row_prefixes(n_pos: int, long_from: int = 256) -> tuple[int, ...]:
+  """Prefix lengths to run rows on: for long prompts, where the rows' compute outweighs
+  compiling a few more shapes, 4 prefixes (a row runs the shortest holding its target);
+  else the whole."""
   if n_pos < long_from:
-    return (n_pos,), (n_layers,)
-  prefixes = tuple(sorted({min(n_pos, -(-n_pos * k // 4 // 8) * 8) for k in (1, 2, 3, 4)}))
-  depths = tuple(sorted({-(-n_layers * k // 3) for k in (1, 2, 3)}))
-  return prefixes, depths
+    return (n_pos,)
+  return tuple(sorted({min(n_pos, -(-n_pos * k // 4 // 8) * 8) for k in (1, 2, 3, 4)}))
 
 
 def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs, *, n_real: int,
                pad: bool) -> tuple[dict, np.ndarray]:
-  """The arrays the linear model reads, and each feature's slot (n_active,).
+  """The arrays the sweep reads, and each feature's slot (n_active,).
 
-  With ``pad``, every layer's feature list is padded to one bucketed length (``dec``: the
-  same for per-layer transcoders; a CLT's writes, which grow with the layer, per layer)
-  and the logit vectors to a bucketed count: pads are zero vectors, so they add nothing.
+  Each layer's feature list is padded to one length (the longest, ``bucket``-ed with
+  ``pad``), for targets (``enc_*``) and for sources (``dec_*``: a CLT's writes into a
+  layer, which grow with the layer); the logit vectors to a bucketed count with ``pad``.
+  Pads are zero vectors, so they add nothing.
   """
   layer_of, pos_of, lat_of, val_of = feats
   n_layers, d = rep.n_layers, x0.shape[-1]
+  size = bucket if pad else int
   counts = np.bincount(layer_of, minlength=n_layers)
-  size = (lambda n: bucket(n)) if pad else (lambda n: int(n))
-  enc_len = [size(counts.max(initial=0))] * n_layers if pad else counts.tolist()
-  starts = np.concatenate([[0], np.cumsum(enc_len)[:-1]]).astype(np.int64)
+  n_enc = size(counts.max(initial=0))
   first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  slot = starts[layer_of] + np.arange(len(layer_of)) - first[layer_of]
+  slot = layer_of * n_enc + np.arange(len(layer_of)) - first[layer_of]
 
   def padded(values, n):  # Host arrays: eager JAX ops on them would compile per length.
     out = np.zeros((n, *np.shape(values)[1:]), np.asarray(values).dtype)
     out[:len(values)] = values
     return out
 
-  enc, dec, skip = [], [], []
   writes = [np.flatnonzero(rep.writes_to(layer_of, layer)) for layer in range(n_layers)]
-  dec_len = [len(w) for w in writes]
-  if pad:
-    dec_len = ([size(max(dec_len, default=0))] * n_layers if rep.clt is None
-               else [size(n) for n in dec_len])
+  n_dec = size(max((len(w) for w in writes), default=0))
+  enc_vec, dec_vec, dec_pos, dec_src, skip = [], [], [], [], []
   for layer in range(n_layers):
     sel = np.flatnonzero(layer_of == layer)
-    n = enc_len[layer]
     e = rep.encoder(layer)
-    keep = padded(np.ones(len(sel), np.float32), n)
     if e is None:
-      vec, bias = jnp.zeros((n, d)), jnp.zeros((n,))
+      enc_vec.append(jnp.zeros((n_enc, d)))
     else:
-      vec, bias = _encoder_rows(e[0], e[1], padded(lat_of[sel], n), keep)
-    enc.append(dict(pos=padded(pos_of[sel].astype(np.int32), n), vec=vec, bias=bias))
-    src, n = writes[layer], dec_len[layer]
-    vec = _decoder_rows(rep, padded(layer_of[src], n), padded(lat_of[src], n), layer,
-                        padded(val_of[src].astype(np.float32), n), d)
-    dec.append(dict(pos=padded(pos_of[src].astype(np.int32), n),
-                    src=padded(slot[src].astype(np.int32), n), vec=vec))
+      keep = padded(np.ones(len(sel), np.float32), n_enc)
+      enc_vec.append(_encoder_rows(e[0], padded(lat_of[sel], n_enc), keep))
+    src = writes[layer]
+    dec_vec.append(_decoder_rows(rep, padded(layer_of[src], n_dec), padded(lat_of[src], n_dec),
+                                 layer, padded(val_of[src].astype(np.float32), n_dec), d))
+    dec_pos.append(padded(pos_of[src].astype(np.int32), n_dec))
+    dec_src.append(padded(slot[src].astype(np.int32), n_dec))
     w_skip = rep.skip(layer)
-    skip.append(None if w_skip is None else jnp.asarray(w_skip, jnp.float32))
+    skip.append(jnp.zeros((d, d)) if w_skip is None else jnp.asarray(w_skip, jnp.float32))
+  enc_pos = np.zeros((n_layers, n_enc), np.int32)
+  enc_pos[layer_of, slot - layer_of * n_enc] = pos_of
   err = clean.mlp_out - rep.reconstruct(clean.mlp_in, acts)
   real = (np.arange(x0.shape[0]) > 0) & (np.arange(x0.shape[0]) < n_real)
   err = err * real[:, None]  # No error nodes at BOS or padding.
-  n_logit_slots = size(len(logit_vecs)) if pad else len(logit_vecs)
-  consts = dict(x0=x0, mlp_out=clean.mlp_out, err=err, enc=enc, dec=dec, skip=skip,
-                logit_vecs=padded(np.asarray(logit_vecs), n_logit_slots),
-                last=np.int32(n_real - 1))
+  n_logit_slots = size(len(logit_vecs))
+  consts = dict(
+      x0=x0, err=err, skip=jnp.stack(skip), enc_vec=jnp.concatenate(enc_vec),
+      enc_pos=enc_pos.reshape(-1), enc_layer=np.repeat(np.arange(n_layers, dtype=np.int32), n_enc),
+      dec_vec=jnp.stack(dec_vec), dec_pos=np.stack(dec_pos), dec_src=np.stack(dec_src),
+      logit_vecs=padded(np.asarray(logit_vecs), n_logit_slots), last=np.int32(n_real - 1))
   return consts, slot
 
 
 @jax.jit
-def _encoder_rows(w_enc, b_enc, latents, keep):
-  """(n, d) encoder vectors and (n,) biases of ``latents`` (n,), zero where not ``keep``."""
-  vec = jnp.take(w_enc.astype(jnp.float32), latents, axis=1).T
-  return vec * keep[:, None], b_enc.astype(jnp.float32)[latents] * keep
+def _encoder_rows(w_enc, latents, keep):
+  """(n, d) encoder vectors of ``latents`` (n,), zero where not ``keep``."""
+  return jnp.take(w_enc.astype(jnp.float32), latents, axis=1).T * keep[:, None]
 
 
 def _decoder_rows(rep: _Replacement, layers, latents, target_layer: int, scale, d: int
@@ -383,11 +445,13 @@ def _clt_rows(w_dec, layers, latents, scale, *, target_layer):
 
 
 def salient_logits(logits: Array, unembedding: Array, *, max_n_logits: int,
-                   desired_logit_prob: float, soft_cap: float | None = None):
+                   desired_logit_prob: float, soft_cap: float | None = None,
+                   unembedding_mean: Array | None = None):
   """(token ids, probabilities, demeaned unembedding vectors (n, d)) of the target logits:
   the most probable next tokens until their cumulative probability reaches
   ``desired_logit_prob`` (that one included), at most ``max_n_logits``. ``logits`` (vocab,)
-  come before the soft-cap ``soft_cap`` (if any), which the probabilities then apply."""
+  come before the soft-cap ``soft_cap`` (if any), which the probabilities then apply.
+  ``unembedding_mean``: the mean row of ``unembedding``, if already computed."""
   logits = jnp.asarray(logits, jnp.float32)
   if soft_cap is not None:
     logits = soft_cap * jnp.tanh(logits / soft_cap)
@@ -397,7 +461,8 @@ def salient_logits(logits: Array, unembedding: Array, *, max_n_logits: int,
   cutoff = int(np.searchsorted(np.cumsum(top), desired_logit_prob)) + 1
   order, top = order[:cutoff], top[:cutoff]
   u = jnp.asarray(unembedding, jnp.float32)
-  vecs = u[jnp.asarray(order)] - u.mean(axis=0)
+  mean = u.mean(axis=0) if unembedding_mean is None else unembedding_mean
+  vecs = u[jnp.asarray(order)] - mean
   return order.astype(np.int64), top.astype(np.float32), vecs
 
 
@@ -460,9 +525,9 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     batch_size: rows per compiled backward pass.
     mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``): each batch of rows is
       split over ``mesh[axis]`` (default: its first axis); weights are replicated.
-    split_rows_from: from this many tokens on, a row runs only the prefix and the blocks
-      its target needs (4 prefix lengths x 3 depths, each compiled once): about half the
-      work of full-length rows, for the price of more compilations.
+    split_rows_from: from this many tokens on, a row runs only the prefix its target
+      needs (4 prefix lengths, each compiled once). Every batch of rows runs only the
+      blocks below its highest target (rows are batched by layer).
     pad_shapes: run the prompt padded to a ``bucket`` length and each layer's feature list
       to a bucketed size (pads change no edge), so that prompts of similar size reuse the
       compiled row functions (and, with JAX's persistent compilation cache, later
@@ -483,20 +548,19 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   padded_x0 = np.zeros((n_run, d), np.float32)  # (host arrays: eager ops compile per shape)
   padded_x0[:n_pos] = np.asarray(x0)
   x0 = jnp.asarray(padded_x0)
-  clean = clean_run(model, x0)
-  _, acts = activations(rep, clean.mlp_in)
-  in_prompt = jnp.asarray(np.arange(n_run) < n_pos)[:, None]
-  acts = [None if a is None else a * in_prompt for a in acts]
+  clean, blocks, acts, logits, u_mean = _clean_blocks(
+      model.params, x0, rep, model.unembedding, np.int32(n_pos - 1), forward=model.forward,
+      linear_blocks=model.linear_blocks)
   feats = _active(acts)
   n_active = len(feats[0])
   logit_ids, logit_p, logit_vecs = salient_logits(
-      matmul(np.asarray(clean.final)[n_pos - 1], jnp.asarray(model.unembedding).T),
-      model.unembedding, max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob,
-      soft_cap=model.logit_soft_cap)
+      logits, model.unembedding, max_n_logits=max_n_logits,
+      desired_logit_prob=desired_logit_prob, soft_cap=model.logit_soft_cap,
+      unembedding_mean=u_mean)
   n_logits = len(logit_ids)
   consts, slot = _constants(rep, x0, clean, acts, feats, logit_vecs, n_real=n_pos,
                             pad=pad_shapes)
-  n_slots = sum(len(e["pos"]) for e in consts["enc"])
+  n_slots = consts["enc_vec"].shape[0]
   target_slot = np.concatenate([slot, n_slots + np.arange(n_logits)]).astype(np.int32)
   # Columns of a computed row that are real sources: feature slots, then the errors and
   # tokens of the prompt's positions.
@@ -507,7 +571,6 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   n_sources = n_active + model.n_layers * n_pos + n_pos
   n_nodes = n_sources + n_logits
 
-  params = model.params
   n_dev = 1
   placed = None
   if mesh is not None:
@@ -517,29 +580,29 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     axis = axis or mesh.axis_names[0]
     n_dev = mesh.shape[axis]
     rep_s = NamedSharding(mesh, P())
-    params, consts = jax.device_put((params, consts), rep_s)
+    blocks, consts = jax.device_put((blocks, consts), rep_s)
     placed = NamedSharding(mesh, P(axis))
   batch = max(n_dev, -(-batch_size // n_dev) * n_dev)
 
-  prefixes, depths = row_buckets(n_run, model.n_layers, split_rows_from)
+  prefixes = row_prefixes(n_run, split_rows_from)
   # What each target needs run: its position's prefix and the blocks up to its layer.
   need_pos = np.concatenate([feats[1] + 1, np.full(n_logits, n_pos)])
-  need_blocks = np.concatenate([feats[0] + 1, np.full(n_logits, model.n_layers)])
+  need_layer = np.concatenate([feats[0], np.full(n_logits, model.n_layers)])
 
-  def compute(target_ids: np.ndarray, out: np.ndarray):
-    """Writes the rows of ``target_ids`` into ``out`` (len(target_ids), n_sources)."""
+  def compute(target_ids: np.ndarray, out: np.ndarray, dest: np.ndarray | None = None):
+    """Writes the rows of ``target_ids`` into ``out[dest]`` (default: ``out`` in order)."""
+    dest = np.arange(len(target_ids)) if dest is None else dest
     p = np.asarray(prefixes)[np.searchsorted(prefixes, need_pos[target_ids])]
-    k = np.asarray(depths)[np.searchsorted(depths, need_blocks[target_ids])]
-    for n_pos_run, n_blocks in sorted(set(zip(p.tolist(), k.tolist()))):
-      where = np.flatnonzero((p == n_pos_run) & (k == n_blocks))
+    for n_pos_run in sorted(set(p.tolist())):
+      where = np.flatnonzero(p == n_pos_run)  # Highest layers first: a batch runs its
+      where = where[np.argsort(-need_layer[target_ids[where]], kind="stable")]  # top down.
       for i in range(0, len(where), batch):
         at = where[i:i + batch]
         ids = target_slot[target_ids[at]]
         padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
         ids_dev = jax.device_put(padded, placed) if placed is not None else padded
-        rows = _rows(params, consts, ids_dev, forward=model.forward, n_pos_run=n_pos_run,
-                     n_blocks=n_blocks)
-        out[at] = np.asarray(rows)[:len(ids)][:, source_cols]
+        rows = _rows(blocks, consts, ids_dev, n_pos_run=n_pos_run)
+        out[dest[at]] = np.asarray(rows)[:len(ids)][:, source_cols]
         bar.update(len(ids))
 
   capped = max_feature_nodes is not None and max_feature_nodes < n_active
@@ -550,8 +613,8 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   try:
     if not capped:  # Every feature: rows go straight to their place in the graph.
       adjacency = np.zeros((n_nodes, n_nodes), np.float32)
-      compute(n_active + np.arange(n_logits), adjacency[n_sources:, :n_sources])
-      compute(np.arange(n_active), adjacency[:n_active, :n_sources])
+      compute(np.arange(n_active + n_logits), adjacency[:, :n_sources],
+              np.concatenate([np.arange(n_active), n_sources + np.arange(n_logits)]))
       selected = np.arange(n_active)
     else:  # Rows in order of estimated influence, logits first.
       edges = np.zeros((n_logits + n_select, n_sources), np.float32)
@@ -564,7 +627,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
         influence = _partial_influence(edges[:n_logits + done], row_nodes[:n_logits + done],
                                        logit_p, n_nodes)[:n_active]
         rank = np.argsort(-influence, kind="stable")
-        queue = update_interval * batch * len(prefixes) * len(depths)
+        queue = update_interval * batch * len(prefixes)
         pending = rank[~visited[rank]][:min(queue, n_select - done)]
         at = n_logits + done
         compute(pending, edges[at:at + len(pending)])

@@ -104,24 +104,80 @@ def _freeze_layers(tree):
       with_keypath=True)
 
 
-def _run_blocks(params, x0, mlp, frozen=None, record=None, n_blocks=None):
+def _side(n_pos, frozen=None, record=None):
+  return dict(token_positions=pz.nx.arange("seq", n_pos), dictlearn_frozen=frozen,
+              dictlearn_record=record)
+
+
+def _wrap(v):
+  return pz.nx.wrap(v).tag("seq", "embedding")
+
+
+def _plain(v):
+  return v.unwrap("seq", "embedding").astype(jnp.float32)
+
+
+def _run_blocks(params, x0, mlp, frozen=None, record=None):
   """``attribution.LinearizableModel.forward`` for the parts built by ``linearizable``."""
   blocks, final_norm = params
-  n_pos = x0.shape[0]
-  side = dict(token_positions=pz.nx.arange("seq", n_pos), dictlearn_frozen=frozen,
-              dictlearn_record=record)
-  wrap = lambda v: pz.nx.wrap(v).tag("seq", "embedding")
-  plain = lambda v: v.unwrap("seq", "embedding").astype(jnp.float32)
-  x = wrap(x0)
-  for layer, block in enumerate(blocks[:n_blocks]):
+  side = _side(x0.shape[0], frozen, record)
+  x = _wrap(x0)
+  for layer, block in enumerate(blocks):
     x = block.attention(x, **side)
     h = block.pre_mlp(x, **side)
     dtype = h.dtype
-    real = lambda v, block=block: plain(block.mlp(wrap(v.astype(dtype)), **side))
-    x = x + wrap(mlp(layer, plain(h), real).astype(x.dtype))
-  if n_blocks is not None and n_blocks < len(blocks):
-    return None
-  return plain(final_norm(x, **side))
+    real = lambda v, block=block: _plain(block.mlp(_wrap(v.astype(dtype)), **side))
+    x = x + _wrap(mlp(layer, _plain(h), real).astype(x.dtype))
+  return _plain(final_norm(x, **side))
+
+
+def _weights(linear: pz.nn.Linear) -> NamedArray:
+  w = linear.weights
+  return w.value if hasattr(w, "value") else w
+
+
+def _attention_arrays(attn: pz.nn.Attention, frozen):
+  """(patterns (n_kv, group, q, k), w_v (n_kv, d, head_dim), w_o (n_kv, group, head_dim, d))
+  of one frozen attention layer, in ``attribution.LinearBlocks``' layout."""
+  find = lambda layer, kind: pz.select(layer).at_instances_of(kind).get_sequence()
+  value, output = find(attn.input_to_value, pz.nn.Linear)[0], find(attn.attn_value_to_output,
+                                                                    pz.nn.Linear)[-1]
+  pattern = frozen[find(attn.query_key_to_attn, FrozenSoftmax)[0].key]
+  shared = [a for a in value.out_axis_names if a != "projection"]  # heads, head_groups
+  q_only = [a for a in pattern.named_shape if a not in (*shared, "seq", "kv_seq")]
+  n_kv = int(np.prod([pattern.named_shape[a] for a in shared], dtype=int))
+  group = int(np.prod([pattern.named_shape[a] for a in q_only], dtype=int))
+  n = pattern.named_shape["seq"]
+  patterns = pattern.unwrap(*shared, *q_only, "seq", "kv_seq").reshape(n_kv, group, n, n)
+  w_v = _weights(value).unwrap(*shared, "embedding", "projection")
+  w_v = w_v.reshape(n_kv, *w_v.shape[-2:])
+  out_heads = [a for a in output.in_axis_names if a != "projection"]
+  if set(out_heads) == {*shared, *q_only}:
+    out_heads = [*shared, *q_only]
+  # Otherwise ``MergeHeads`` flattened (shared, q_only) into one axis, group-major.
+  w_o = _weights(output).unwrap(*out_heads, "projection", "embedding")
+  return patterns, w_v, w_o.reshape(n_kv, group, *w_o.shape[-2:])
+
+
+def _linear_blocks(params, frozen, n_pos: int, d: int) -> attribution.LinearBlocks:
+  """``attribution.LinearizableModel.linear_blocks``: each frozen norm's multiplier is the
+  norm applied to ones (with its recorded scale); attention arrays from the layers."""
+  blocks, final_norm = params
+  side = _side(n_pos, frozen)
+  ones = _wrap(jnp.ones((n_pos, d), jnp.float32))
+  multiplier = lambda layers: _plain(pz.nn.Sequential(list(layers))(ones, **side))
+  parts = {k: [] for k in ("attn_norm", "patterns", "w_v", "w_o", "attn_out_norm",
+                           "mlp_norm")}
+  for block in blocks:
+    subs = list(block.attention.delta.sublayers)
+    at = next(i for i, s in enumerate(subs) if isinstance(s, pz.nn.Attention))
+    patterns, w_v, w_o = _attention_arrays(subs[at], frozen)
+    for key, value in (("attn_norm", multiplier(subs[:at])), ("patterns", patterns),
+                       ("w_v", w_v), ("w_o", w_o), ("attn_out_norm", multiplier(subs[at + 1:])),
+                       ("mlp_norm", multiplier([block.pre_mlp]))):
+      parts[key].append(value.astype(jnp.float32))
+  return attribution.LinearBlocks(**{k: jnp.stack(v) for k, v in parts.items()},
+                                  final_norm=multiplier([final_norm]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +218,7 @@ def linearizable(model) -> Linearized:
   unembedding = table.unwrap("vocabulary", "embedding")
   embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
   core = attribution.LinearizableModel(params=params, forward=_run_blocks,
-                                       unembedding=unembedding, n_layers=len(blocks),
+                                       linear_blocks=_linear_blocks, unembedding=unembedding, n_layers=len(blocks),
                                        logit_soft_cap=cap)
   return Linearized(model=core, embed=embed, family="gemma2" if cap is not None else "gemma3")
 

@@ -34,12 +34,12 @@ def _norm(x, w, key, frozen, record):
   return x * scale * w
 
 
-def toy_forward(params, x0, mlp, frozen=None, record=None, n_blocks=None):
+def toy_forward(params, x0, mlp, frozen=None, record=None):
   """Pre-norm blocks: causal softmax attention (one head), a GELU MLP with post-norm."""
   x = x0
   n = x.shape[0]
   causal = jnp.tril(jnp.ones((n, n), bool))
-  for i, b in enumerate(params["blocks"][:n_blocks]):
+  for i, b in enumerate(params["blocks"]):
     h = _norm(x, b["n1"], f"n1.{i}", frozen, record)
     scores = jnp.where(causal, (h @ b["q"]) @ (h @ b["k"]).T / np.sqrt(D), -1e9)
     pattern = _frozen(f"attn.{i}", lambda: jax.nn.softmax(scores, -1), frozen, record)
@@ -50,9 +50,21 @@ def toy_forward(params, x0, mlp, frozen=None, record=None, n_blocks=None):
       return _norm(jax.nn.gelu(v @ b["w1"]) @ b["w2"], b["n4"], f"n4.{i}", frozen, record)
 
     x = x + mlp(i, h, real)
-  if n_blocks is not None and n_blocks < len(params["blocks"]):
-    return None
   return _norm(x, params["final"], "final", frozen, record)
+
+
+def toy_linear_blocks(params, frozen, n_pos, d):
+  """``toy_forward``'s blocks as ``LinearBlocks``: one kv head, one query head per group."""
+  blocks = params["blocks"]
+  norm = lambda key, w: jnp.broadcast_to(frozen[key] * w, (n_pos, d))  # noqa: E731
+  stack = lambda f: jnp.stack([f(i, b) for i, b in enumerate(blocks)])  # noqa: E731
+  return attribution.LinearBlocks(
+      attn_norm=stack(lambda i, b: norm(f"n1.{i}", b["n1"])),
+      patterns=stack(lambda i, b: frozen[f"attn.{i}"][None, None]),
+      w_v=stack(lambda i, b: b["v"][None]), w_o=stack(lambda i, b: b["o"][None, None]),
+      attn_out_norm=stack(lambda i, b: norm(f"n2.{i}", b["n2"])),
+      mlp_norm=stack(lambda i, b: norm(f"n3.{i}", b["n3"])),
+      final_norm=norm("final", params["final"]))
 
 
 def toy_params(seed=0):
@@ -66,7 +78,8 @@ def toy_params(seed=0):
 
 def toy_model(seed=0, forward=toy_forward):
   params, table = toy_params(seed)
-  model = attribution.LinearizableModel(params=params, forward=forward, unembedding=table,
+  model = attribution.LinearizableModel(params=params, forward=forward,
+                                        linear_blocks=toy_linear_blocks, unembedding=table,
                                         n_layers=LAYERS)
   return model, table[TOKENS] * np.sqrt(D)
 
@@ -138,10 +151,10 @@ def test_cross_layer_transcoder_edges_are_direct_effects():
 def test_exact_transcoders_leave_zero_error_edges():
   tc = transcoders(skip=True)
 
-  def exact_forward(params, x0, mlp, frozen=None, record=None, n_blocks=None):
+  def exact_forward(params, x0, mlp, frozen=None, record=None):
     def swap(layer, h, real):  # Each MLP is its transcoder.
       return mlp(layer, h, lambda v: dictlearn.forward(tc[layer], v))
-    return toy_forward(params, x0, swap, frozen, record, n_blocks)
+    return toy_forward(params, x0, swap, frozen, record)
 
   model, x0 = toy_model(forward=exact_forward)
   g = attribution.attribute(model, x0, TOKENS, tc, max_n_logits=3, progress=False)
@@ -192,17 +205,21 @@ def test_capped_graph_keeps_the_full_graphs_rows_of_its_features():
   assert infl[sel].mean() > infl.mean()
 
 
-def test_rows_run_on_prefixes_and_partial_depths_equal_full_rows():
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_rows_run_on_prefixes_and_partial_depths_equal_full_rows(batch_size):
+  # batch_size 1: every row runs only the blocks below its own layer; 64: one batch.
   params, table = toy_params(1)
-  model = attribution.LinearizableModel(params=params, forward=toy_forward, unembedding=table,
+  model = attribution.LinearizableModel(params=params, forward=toy_forward,
+                                        linear_blocks=toy_linear_blocks, unembedding=table,
                                         n_layers=LAYERS)
   tokens = np.random.default_rng(0).integers(0, VOCAB, 40)
   x0 = table[tokens] * np.sqrt(D)
   tc = transcoders()
-  whole = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, progress=False)
-  assert attribution.row_buckets(40, LAYERS, 1) == ((16, 24, 32, 40), (1, 2, 3))
-  split = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, split_rows_from=1,
+  whole = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, batch_size=512,
                                 progress=False)
+  assert attribution.row_prefixes(40, 1) == (16, 24, 32, 40)
+  split = attribution.attribute(model, x0, tokens, tc, max_n_logits=3, split_rows_from=1,
+                                batch_size=batch_size, progress=False)
   np.testing.assert_array_equal(split.active_features, whole.active_features)
   np.testing.assert_allclose(split.adjacency, whole.adjacency, atol=1e-5, rtol=1e-5)
 
