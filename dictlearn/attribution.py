@@ -267,17 +267,18 @@ def activations(rep: _Replacement, mlp_in: Array) -> tuple[list, list]:
 @functools.partial(jax.jit, static_argnames=("forward", "linear_blocks"))
 def _clean_blocks(params, x0, rep, unembedding, last, *, forward, linear_blocks):
   """What attribution reads from the clean run of ``x0`` (n, d), whose positions after
-  ``last`` are padding: the run (``Clean``), its frozen blocks (``LinearBlocks``), each
-  layer's activations (BOS and padding zeroed), the logits at ``last`` (vocab,) and the
-  mean unembedding vector (d,)."""
+  ``last`` are padding: its frozen blocks (``LinearBlocks``), each layer's activations
+  (BOS and padding zeroed), the errors (L, n, d) (mlp_out minus the transcoder's output;
+  zero at BOS and padding), the logits at ``last`` (vocab,) and the mean unembedding
+  vector (d,)."""
   mlp_in, mlp_out, final, frozen = _clean(params, x0, forward=forward, record=True)
   blocks = linear_blocks(params, frozen, *x0.shape)
   blocks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), blocks)
-  in_prompt = (jnp.arange(x0.shape[0]) <= last)[:, None]
-  acts = [None if a is None else a * in_prompt for a in activations(rep, mlp_in)[1]]
+  pos = jnp.arange(x0.shape[0])[:, None]
+  acts = [None if a is None else a * (pos <= last) for a in activations(rep, mlp_in)[1]]
+  err = (mlp_out - rep.reconstruct(mlp_in, acts)) * ((pos > 0) & (pos <= last))
   u = jnp.asarray(unembedding, jnp.float32)
-  return (Clean(mlp_in, mlp_out, final), blocks, acts, matmul(u, final[last]),
-          jnp.mean(u, axis=0))
+  return blocks, acts, err, matmul(u, final[last]), jnp.mean(u, axis=0)
 
 
 @functools.partial(jax.jit, static_argnames=("n_pos_run",))
@@ -359,7 +360,7 @@ def row_prefixes(n_pos: int, long_from: int = 256) -> tuple[int, ...]:
   return tuple(sorted({min(n_pos, -(-n_pos * k // 4 // 8) * 8) for k in (1, 2, 3, 4)}))
 
 
-def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs, *, n_real: int,
+def _constants(rep: _Replacement, x0, err, feats, logit_vecs, *, n_real: int,
                pad: bool) -> tuple[dict, np.ndarray]:
   """The arrays the sweep reads, and each feature's slot (n_active,).
 
@@ -369,75 +370,68 @@ def _constants(rep: _Replacement, x0, clean: Clean, acts, feats, logit_vecs, *, 
   Pads are zero vectors, so they add nothing.
   """
   layer_of, pos_of, lat_of, val_of = feats
-  n_layers, d = rep.n_layers, x0.shape[-1]
+  n_layers = rep.n_layers
   size = bucket if pad else int
   counts = np.bincount(layer_of, minlength=n_layers)
   n_enc = size(counts.max(initial=0))
   first = np.concatenate([[0], np.cumsum(counts)[:-1]])
   slot = layer_of * n_enc + np.arange(len(layer_of)) - first[layer_of]
-
-  def padded(values, n):  # Host arrays: eager JAX ops on them would compile per length.
-    out = np.zeros((n, *np.shape(values)[1:]), np.asarray(values).dtype)
-    out[:len(values)] = values
-    return out
-
+  at = slot - layer_of * n_enc
+  enc = {k: np.zeros((n_layers, n_enc), np.int32) for k in ("pos", "lat")}
+  enc["pos"][layer_of, at], enc["lat"][layer_of, at] = pos_of, lat_of
+  enc_keep = np.zeros((n_layers, n_enc), np.float32)
+  enc_keep[layer_of, at] = 1.0
   writes = [np.flatnonzero(rep.writes_to(layer_of, layer)) for layer in range(n_layers)]
   n_dec = size(max((len(w) for w in writes), default=0))
-  enc_vec, dec_vec, dec_pos, dec_src, skip = [], [], [], [], []
-  for layer in range(n_layers):
-    sel = np.flatnonzero(layer_of == layer)
+  dec = {k: np.zeros((n_layers, n_dec), np.int32) for k in ("pos", "src", "layer", "lat")}
+  dec_val = np.zeros((n_layers, n_dec), np.float32)
+  for layer, src in enumerate(writes):
+    for k, v in (("pos", pos_of), ("src", slot), ("layer", layer_of), ("lat", lat_of)):
+      dec[k][layer, :len(src)] = v[src]
+    dec_val[layer, :len(src)] = val_of[src]
+  enc_vec, dec_vec, skip = [], [], []
+  d = x0.shape[-1]
+  for layer in range(n_layers):  # Per layer: equal shapes share one compilation.
     e = rep.encoder(layer)
-    if e is None:
-      enc_vec.append(jnp.zeros((n_enc, d)))
+    enc_vec.append(jnp.zeros((n_enc, d)) if e is None else
+                   _encoder_rows(e[0], enc["lat"][layer], enc_keep[layer]))
+    if rep.clt is not None:
+      rows = _clt_rows(rep.clt.w_dec, dec["layer"][layer], dec["lat"][layer], dec_val[layer],
+                       np.int32(layer))
+    elif rep.layers[layer] is not None:
+      rows = _plt_rows(rep.layers[layer].w_dec, dec["lat"][layer], dec_val[layer])
     else:
-      keep = padded(np.ones(len(sel), np.float32), n_enc)
-      enc_vec.append(_encoder_rows(e[0], padded(lat_of[sel], n_enc), keep))
-    src = writes[layer]
-    dec_vec.append(_decoder_rows(rep, padded(layer_of[src], n_dec), padded(lat_of[src], n_dec),
-                                 layer, padded(val_of[src].astype(np.float32), n_dec), d))
-    dec_pos.append(padded(pos_of[src].astype(np.int32), n_dec))
-    dec_src.append(padded(slot[src].astype(np.int32), n_dec))
+      rows = jnp.zeros((n_dec, d))
+    dec_vec.append(rows)
     w_skip = rep.skip(layer)
     skip.append(jnp.zeros((d, d)) if w_skip is None else jnp.asarray(w_skip, jnp.float32))
-  enc_pos = np.zeros((n_layers, n_enc), np.int32)
-  enc_pos[layer_of, slot - layer_of * n_enc] = pos_of
-  err = clean.mlp_out - rep.reconstruct(clean.mlp_in, acts)
-  real = (np.arange(x0.shape[0]) > 0) & (np.arange(x0.shape[0]) < n_real)
-  err = err * real[:, None]  # No error nodes at BOS or padding.
-  n_logit_slots = size(len(logit_vecs))
+  logits = np.zeros((size(len(logit_vecs)), d), np.float32)
+  logits[:len(logit_vecs)] = logit_vecs
   consts = dict(
       x0=x0, err=err, skip=jnp.stack(skip), enc_vec=jnp.concatenate(enc_vec),
-      enc_pos=enc_pos.reshape(-1), enc_layer=np.repeat(np.arange(n_layers, dtype=np.int32), n_enc),
-      dec_vec=jnp.stack(dec_vec), dec_pos=np.stack(dec_pos), dec_src=np.stack(dec_src),
-      logit_vecs=padded(np.asarray(logit_vecs), n_logit_slots), last=np.int32(n_real - 1))
+      enc_pos=enc["pos"].reshape(-1), enc_layer=np.repeat(np.arange(n_layers, dtype=np.int32),
+                                                          n_enc),
+      dec_vec=jnp.stack(dec_vec), dec_pos=dec["pos"], dec_src=dec["src"], logit_vecs=logits,
+      last=np.int32(n_real - 1))
   return consts, slot
 
 
 @jax.jit
 def _encoder_rows(w_enc, latents, keep):
-  """(n, d) encoder vectors of ``latents`` (n,), zero where not ``keep``."""
+  """(n, d) float32 encoder vectors of ``latents`` (n,), zero where not ``keep``."""
   return jnp.take(w_enc.astype(jnp.float32), latents, axis=1).T * keep[:, None]
-
-
-def _decoder_rows(rep: _Replacement, layers, latents, target_layer: int, scale, d: int
-                  ) -> Array:
-  """(n, d) float32 decoder vectors of latents (n,) of ``layers`` (n,) into
-  ``target_layer``, times ``scale`` (n,)."""
-  if rep.clt is not None:
-    return _clt_rows(rep.clt.w_dec, layers, latents, scale, target_layer=target_layer)
-  t = rep.layers[target_layer]
-  if t is None:
-    return jnp.zeros((len(latents), d), jnp.float32)
-  return _plt_rows(t.w_dec, latents, scale)
 
 
 @jax.jit
 def _plt_rows(w_dec, latents, scale):
+  """(n, d) float32 decoder rows of ``latents`` (n,) times ``scale`` (n,)."""
   return w_dec[latents].astype(jnp.float32) * scale[:, None]
 
 
-@functools.partial(jax.jit, static_argnames=("target_layer",))
-def _clt_rows(w_dec, layers, latents, scale, *, target_layer):
+@jax.jit
+def _clt_rows(w_dec, layers, latents, scale, target_layer):
+  """(n, d) float32 decoder rows of a CLT's ``latents`` of ``layers`` (n,) into
+  ``target_layer``, times ``scale`` (n,)."""
   return w_dec[layers, latents, target_layer].astype(jnp.float32) * scale[:, None]
 
 
@@ -452,18 +446,28 @@ def salient_logits(logits: Array, unembedding: Array, *, max_n_logits: int,
   ``desired_logit_prob`` (that one included), at most ``max_n_logits``. ``logits`` (vocab,)
   come before the soft-cap ``soft_cap`` (if any), which the probabilities then apply.
   ``unembedding_mean``: the mean row of ``unembedding``, if already computed."""
-  logits = jnp.asarray(logits, jnp.float32)
-  if soft_cap is not None:
-    logits = soft_cap * jnp.tanh(logits / soft_cap)
-  probs = np.asarray(jax.nn.softmax(logits))
+  probs = np.asarray(_probabilities(logits, soft_cap))
   order = np.argsort(-probs, kind="stable")[:max_n_logits]
   top = probs[order]
   cutoff = int(np.searchsorted(np.cumsum(top), desired_logit_prob)) + 1
   order, top = order[:cutoff], top[:cutoff]
-  u = jnp.asarray(unembedding, jnp.float32)
-  mean = u.mean(axis=0) if unembedding_mean is None else unembedding_mean
-  vecs = u[jnp.asarray(order)] - mean
+  if unembedding_mean is None:
+    unembedding_mean = jnp.mean(jnp.asarray(unembedding, jnp.float32), axis=0)
+  vecs = _demeaned(unembedding, order.astype(np.int32), unembedding_mean)
   return order.astype(np.int64), top.astype(np.float32), vecs
+
+
+@functools.partial(jax.jit, static_argnames=("soft_cap",))
+def _probabilities(logits, soft_cap):
+  logits = jnp.asarray(logits, jnp.float32)
+  if soft_cap is not None:
+    logits = soft_cap * jnp.tanh(logits / soft_cap)
+  return jax.nn.softmax(logits)
+
+
+@jax.jit
+def _demeaned(unembedding, ids, mean):
+  return unembedding[ids].astype(jnp.float32) - mean
 
 
 def _active(acts) -> tuple[np.ndarray, ...]:
@@ -548,7 +552,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   padded_x0 = np.zeros((n_run, d), np.float32)  # (host arrays: eager ops compile per shape)
   padded_x0[:n_pos] = np.asarray(x0)
   x0 = jnp.asarray(padded_x0)
-  clean, blocks, acts, logits, u_mean = _clean_blocks(
+  blocks, acts, err, logits, u_mean = _clean_blocks(
       model.params, x0, rep, model.unembedding, np.int32(n_pos - 1), forward=model.forward,
       linear_blocks=model.linear_blocks)
   feats = _active(acts)
@@ -558,8 +562,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
       desired_logit_prob=desired_logit_prob, soft_cap=model.logit_soft_cap,
       unembedding_mean=u_mean)
   n_logits = len(logit_ids)
-  consts, slot = _constants(rep, x0, clean, acts, feats, logit_vecs, n_real=n_pos,
-                            pad=pad_shapes)
+  consts, slot = _constants(rep, x0, err, feats, logit_vecs, n_real=n_pos, pad=pad_shapes)
   n_slots = consts["enc_vec"].shape[0]
   target_slot = np.concatenate([slot, n_slots + np.arange(n_logits)]).astype(np.int32)
   # Columns of a computed row that are real sources: feature slots, then the errors and

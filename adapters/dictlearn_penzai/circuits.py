@@ -2,8 +2,9 @@
 
 The definitions and the row computations are in ``dictlearn.attribution``; what is
 penzai's lives here: finding the blocks, freezing attention patterns and norm scales with
-penzai layers (``FrozenSoftmax``, ``FrozenRMSStandardize``), and running the blocks on
-named arrays with an MLP callback in place of each MLP.
+penzai layers (``FrozenSoftmax``, ``FrozenRMSStandardize``), running the blocks on named
+arrays with an MLP callback in place of each MLP, and reading the frozen blocks out as
+``attribution.LinearBlocks`` arrays.
 
 A frozen layer passes no gradient. With the ``dictlearn_record`` side input (a dict) it
 stores its value there under its key; with ``dictlearn_frozen`` (such a dict) it returns
@@ -160,8 +161,9 @@ def _attention_arrays(attn: pz.nn.Attention, frozen):
 
 
 def _linear_blocks(params, frozen, n_pos: int, d: int) -> attribution.LinearBlocks:
-  """``attribution.LinearizableModel.linear_blocks``: each frozen norm's multiplier is the
-  norm applied to ones (with its recorded scale); attention arrays from the layers."""
+  """``attribution.LinearizableModel.linear_blocks``. A frozen RMSNorm is elementwise in its
+  input (recorded 1/rms times weight), so applied to ones it gives its multiplier; the
+  attention arrays are read from the layers and the recorded patterns."""
   blocks, final_norm = params
   side = _side(n_pos, frozen)
   ones = _wrap(jnp.ones((n_pos, d), jnp.float32))
@@ -218,8 +220,8 @@ def linearizable(model) -> Linearized:
   unembedding = table.unwrap("vocabulary", "embedding")
   embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
   core = attribution.LinearizableModel(params=params, forward=_run_blocks,
-                                       linear_blocks=_linear_blocks, unembedding=unembedding, n_layers=len(blocks),
-                                       logit_soft_cap=cap)
+                                       linear_blocks=_linear_blocks, unembedding=unembedding,
+                                       n_layers=len(blocks), logit_soft_cap=cap)
   return Linearized(model=core, embed=embed, family="gemma2" if cap is not None else "gemma3")
 
 
