@@ -373,7 +373,7 @@ def _constants(rep: _Replacement, x0, err, feats, logit_vecs, *, n_real: int,
   n_layers = rep.n_layers
   size = bucket if pad else int
   counts = np.bincount(layer_of, minlength=n_layers)
-  n_enc = size(counts.max(initial=0))
+  n_enc = size(max(1, counts.max(initial=0)))  # (one pad slot when nothing fires)
   first = np.concatenate([[0], np.cumsum(counts)[:-1]])
   slot = layer_of * n_enc + np.arange(len(layer_of)) - first[layer_of]
   at = slot - layer_of * n_enc
@@ -382,7 +382,7 @@ def _constants(rep: _Replacement, x0, err, feats, logit_vecs, *, n_real: int,
   enc_keep = np.zeros((n_layers, n_enc), np.float32)
   enc_keep[layer_of, at] = 1.0
   writes = [np.flatnonzero(rep.writes_to(layer_of, layer)) for layer in range(n_layers)]
-  n_dec = size(max((len(w) for w in writes), default=0))
+  n_dec = size(max(1, max((len(w) for w in writes), default=0)))
   dec = {k: np.zeros((n_layers, n_dec), np.int32) for k in ("pos", "src", "layer", "lat")}
   dec_val = np.zeros((n_layers, n_dec), np.float32)
   for layer, src in enumerate(writes):

@@ -224,6 +224,19 @@ def test_rows_run_on_prefixes_and_partial_depths_equal_full_rows(batch_size):
   np.testing.assert_allclose(split.adjacency, whole.adjacency, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_a_prompt_where_nothing_fires_has_error_and_token_edges_only(pad):
+  model, x0 = toy_model()
+  tc = {k: t.replace(threshold=jnp.full((WIDTH,), 1e9)) for k, t in transcoders().items()}
+  g = attribution.attribute(model, x0, TOKENS, tc, max_n_logits=3, pad_shapes=pad,
+                            progress=False)
+  n_pos, n_logits = len(TOKENS), len(g.logit_tokens)
+  assert len(g.active_features) == 0
+  assert g.adjacency.shape == ((LAYERS + 1) * n_pos + n_logits,) * 2
+  logit_rows = g.adjacency[-n_logits:, :(LAYERS + 1) * n_pos]
+  assert np.abs(logit_rows).max() > 1e-3  # Every MLP output is error: it carries the edges.
+
+
 @pytest.mark.parametrize("kind", ["skip", "noskip", "clt"])
 def test_padded_shapes_change_no_edge(kind):
   # 7 tokens run as 8, feature lists and logits padded: the pads must add nothing.
