@@ -282,62 +282,89 @@ def _clean_blocks(params, x0, rep, unembedding, last, *, forward, linear_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("n_pos_run",))
-def _rows(blocks: LinearBlocks, consts, target_ids, *, n_pos_run):
+def _rows(blocks: LinearBlocks, consts, target_ids, live, *, n_pos_run):
   """Rows (B, n_slots + L * n_pos + n_pos) of the targets ``target_ids`` (B,), in slots:
   target slot ``i < n_slots`` is a feature's pre-activation (``consts["enc_*"]``, padding
   included), ``n_slots + j`` is logit j; source columns are feature slots (``dec_src``),
   then errors (layer, position), then tokens.
 
-  One backward sweep: ``g`` (B, n, d) is each target's gradient with respect to the
-  residual, from the highest layer a target of the batch reads (a logit: past the last)
-  down to the embeddings. At each layer the edges of that layer's sources (decoder writes
-  and errors, added to the residual there) are ``g`` dotted with them; the layer's
-  feature targets enter at its mlp_in. Only the first ``n = n_pos_run`` positions run:
-  enough for targets before n (the model is causal; sources at or past n get no edge).
+  One backward sweep: ``g`` is each target's gradient with respect to the residual, from
+  the highest layer a target of the batch reads (a logit: past the last) down to the
+  embeddings. At each layer the edges of that layer's sources (decoder writes and errors,
+  added to the residual there) are ``g`` dotted with them; the layer's feature targets
+  enter at its mlp_in. The model is causal, so a row's gradient lives only at its target's
+  position and before: ``g`` (M, d) holds just those (row, position) pairs, listed by
+  ``live`` (``_packed``), and only the patterns' mixing of positions runs in a (B, n)
+  layout. Only the first ``n = n_pos_run`` positions run: enough for targets before n.
   """
   n = n_pos_run
   n_layers, n_pos = consts["err"].shape[:2]
   n_slots = consts["enc_vec"].shape[0]
   b = target_ids.shape[0]
+  row_of, pos_of, start = live["row"], live["pos"], live["start"]
   is_logit = target_ids >= n_slots
   feat = jnp.minimum(target_ids, n_slots - 1)
   logit = jnp.clip(target_ids - n_slots, 0, consts["logit_vecs"].shape[0] - 1)
   t_layer = jnp.where(is_logit, n_layers, consts["enc_layer"][feat])
   t_pos = jnp.where(is_logit, consts["last"], consts["enc_pos"][feat])
+  t_slot = start + t_pos  # Past the slots for padding rows: dropped.
   t_vec = jnp.where(is_logit[:, None], 0.0, consts["enc_vec"][feat])
-  rows = jnp.arange(b)
   # Logits read the final norm's output at the last position.
   lvec = jnp.where(is_logit[:, None], consts["logit_vecs"][logit], 0.0)
-  g = jnp.zeros((b, n, consts["x0"].shape[-1])).at[rows, t_pos].set(
-      lvec * blocks.final_norm[t_pos])
+  g = jnp.zeros((row_of.shape[0], consts["x0"].shape[-1])).at[t_slot].set(
+      lvec * blocks.final_norm[t_pos], mode="drop")
   err, x0 = consts["err"][:, :n], consts["x0"][:n]
   top = jnp.max(jnp.minimum(t_layer, n_layers - 1))
+  per_slot = lambda a: a[pos_of]  # noqa: E731  (n, ...) per position -> (M, ...)
+  to_grid = lambda y: jnp.zeros((b, n, *y.shape[1:])).at[row_of, pos_of].set(  # noqa: E731
+      y, mode="drop")
 
   def layer(i, carry):
     g, gc, ge = carry
     l = top - i
     # Sources added to the residual at this layer's mlp_out: decoder writes, errors.
     dpos, dvec = consts["dec_pos"][l], consts["dec_vec"][l]
-    at = jnp.take(g, dpos, axis=1, mode="fill", fill_value=0.0)  # Past the prefix: none.
-    gc = gc.at[:, consts["dec_src"][l]].add(jnp.einsum("bnd,nd->bn", at, dvec))
-    ge = jax.lax.dynamic_update_index_in_dim(ge, jnp.einsum("bpd,pd->bp", g, err[l]), l, 1)
+    at = jnp.take(g, start[:, None] + dpos, axis=0, mode="fill", fill_value=0.0)
+    seen = dpos[None, :] <= t_pos[:, None]  # Later positions are not the row's slots.
+    gc = gc.at[:, consts["dec_src"][l]].add(jnp.einsum("bnd,nd->bn", at, dvec) * seen)
+    ge = ge.at[row_of, l, pos_of].set(jnp.sum(g * per_slot(err[l]), -1), mode="drop")
     # The MLP passes a gradient only through the skip; this layer's targets enter here.
-    gh = jnp.einsum("bpo,io->bpi", g, consts["skip"][l])
-    gh = gh.at[rows, t_pos].add(jnp.where((t_layer == l)[:, None], t_vec, 0.0))
-    g = g + blocks.mlp_norm[l, :n] * gh
+    gh = jnp.einsum("mo,io->mi", g, consts["skip"][l])
+    gh = gh.at[t_slot].add(jnp.where((t_layer == l)[:, None], t_vec, 0.0), mode="drop")
+    g = g + per_slot(blocks.mlp_norm[l, :n]) * gh
     # Attention's value path, patterns frozen.
-    u = blocks.attn_out_norm[l, :n] * g
-    go = jnp.einsum("bqd,kghd->bkgqh", u, blocks.w_o[l])
-    gv = jnp.einsum("kgqs,bkgqh->bksh", blocks.patterns[l, :, :, :n, :n], go)
-    gy = jnp.einsum("bksh,kdh->bsd", gv, blocks.w_v[l])
-    return g + blocks.attn_norm[l, :n] * gy, gc, ge
+    go = jnp.einsum("md,kghd->mkgh", per_slot(blocks.attn_out_norm[l, :n]) * g, blocks.w_o[l])
+    gv = jnp.einsum("kgqs,bqkgh->bskh", blocks.patterns[l, :, :, :n, :n], to_grid(go))
+    gv = gv.at[row_of, pos_of].get(mode="fill", fill_value=0.0)
+    gy = jnp.einsum("mkh,kdh->md", gv, blocks.w_v[l])
+    return g + per_slot(blocks.attn_norm[l, :n]) * gy, gc, ge
 
   init = (g, jnp.zeros((b, n_slots)), jnp.zeros((b, n_layers, n)))
   g, gc, ge = jax.lax.fori_loop(0, top + 1, layer, init)
-  gt = jnp.einsum("bpd,pd->bp", g, x0)  # x = x0 * (1 + t): the token sources.
+  gt = to_grid(jnp.sum(g * per_slot(x0), -1))  # x = x0 * (1 + t): the token sources.
   ge = jnp.zeros((b, n_layers, n_pos)).at[:, :, :n].set(ge)
   gt = jnp.zeros((b, n_pos)).at[:, :n].set(gt)
   return jnp.concatenate([gc, ge.reshape(b, -1), gt], axis=1)
+
+
+def _packed(order: np.ndarray, need: np.ndarray, batch: int, n: int):
+  """Batches of the rows ``order`` (in that order) as (rows, live): at most ``batch`` rows
+  a batch, whose positions (``need[row]`` each: the target's and those before) fill at
+  most ``max(n, batch * n // 2)`` slots. ``live``: each slot's ``row`` and ``pos`` (M,)
+  (pads: row ``batch``) and each row's first slot ``start`` (B,) (pads: M)."""
+  slots = max(n, batch * n // 2)
+  i = 0
+  while i < len(order):
+    cost = np.cumsum(need[order[i:i + batch]])
+    k = int(np.searchsorted(cost, slots, side="right"))
+    at, used = order[i:i + k], int(cost[k - 1])
+    live = dict(row=np.full(slots, batch, np.int32), pos=np.zeros(slots, np.int32),
+                start=np.full(batch, slots, np.int32))
+    live["row"][:used] = np.repeat(np.arange(k), need[at])
+    live["pos"][:used] = np.arange(used) - np.repeat(cost[:k] - need[at], need[at])
+    live["start"][:k] = cost[:k] - need[at]
+    yield at, live
+    i += k
 
 
 def bucket(n: int, least: int = 8) -> int:
@@ -526,7 +553,9 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     max_feature_nodes: at most this many feature nodes; their rows are computed in order
       of estimated influence on the logits (re-estimated every ``update_interval``
       batches). None: every active feature.
-    batch_size: rows per compiled backward pass.
+    batch_size: rows per compiled backward pass, at most; a batch also holds at most
+      ``batch_size * n_pos / 2`` (row, position) pairs, a row one per position up to its
+      target's.
     mesh: a ``jax.sharding.Mesh`` (``jax.make_mesh`` or ``Mesh``): each batch of rows is
       split over ``mesh[axis]`` (default: its first axis); weights are replicated.
     split_rows_from: from this many tokens on, a row runs only the prefix its target
@@ -599,12 +628,11 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     for n_pos_run in sorted(set(p.tolist())):
       where = np.flatnonzero(p == n_pos_run)  # Highest layers first: a batch runs its
       where = where[np.argsort(-need_layer[target_ids[where]], kind="stable")]  # top down.
-      for i in range(0, len(where), batch):
-        at = where[i:i + batch]
+      for at, live in _packed(where, need_pos[target_ids], batch, n_pos_run):
         ids = target_slot[target_ids[at]]
         padded = np.concatenate([ids, np.full(batch - len(ids), ids[-1])]).astype(np.int32)
         ids_dev = jax.device_put(padded, placed) if placed is not None else padded
-        rows = _rows(blocks, consts, ids_dev, n_pos_run=n_pos_run)
+        rows = _rows(blocks, consts, ids_dev, live, n_pos_run=n_pos_run)
         out[dest[at]] = np.asarray(rows)[:len(ids)][:, source_cols]
         bar.update(len(ids))
 
