@@ -402,8 +402,8 @@ def _constants(rep: _Replacement, x0, err, feats, logit_vecs, *, n_real: int,
   counts = np.bincount(layer_of, minlength=n_layers)
   n_enc = size(max(1, counts.max(initial=0)))  # (one pad slot when nothing fires)
   first = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  slot = layer_of * n_enc + np.arange(len(layer_of)) - first[layer_of]
-  at = slot - layer_of * n_enc
+  at = np.arange(len(layer_of)) - first[layer_of]  # Each feature's index in its layer.
+  slot = layer_of * n_enc + at
   enc = {k: np.zeros((n_layers, n_enc), np.int32) for k in ("pos", "lat")}
   enc["pos"][layer_of, at], enc["lat"][layer_of, at] = pos_of, lat_of
   enc_keep = np.zeros((n_layers, n_enc), np.float32)

@@ -132,9 +132,9 @@ def _run_blocks(params, x0, mlp, frozen=None, record=None):
   return _plain(final_norm(x, **side))
 
 
-def _weights(linear: pz.nn.Linear) -> NamedArray:
-  w = linear.weights
-  return w.value if hasattr(w, "value") else w
+def _value(p) -> NamedArray:
+  """The array of a (frozen) parameter, or the array itself."""
+  return p.value if hasattr(p, "value") else p
 
 
 def _attention_arrays(attn: pz.nn.Attention, frozen):
@@ -150,13 +150,13 @@ def _attention_arrays(attn: pz.nn.Attention, frozen):
   group = int(np.prod([pattern.named_shape[a] for a in q_only], dtype=int))
   n = pattern.named_shape["seq"]
   patterns = pattern.unwrap(*shared, *q_only, "seq", "kv_seq").reshape(n_kv, group, n, n)
-  w_v = _weights(value).unwrap(*shared, "embedding", "projection")
+  w_v = _value(value.weights).unwrap(*shared, "embedding", "projection")
   w_v = w_v.reshape(n_kv, *w_v.shape[-2:])
   out_heads = [a for a in output.in_axis_names if a != "projection"]
   if set(out_heads) == {*shared, *q_only}:
     out_heads = [*shared, *q_only]
   # Otherwise ``MergeHeads`` flattened (shared, q_only) into one axis, group-major.
-  w_o = _weights(output).unwrap(*out_heads, "projection", "embedding")
+  w_o = _value(output.weights).unwrap(*out_heads, "projection", "embedding")
   return patterns, w_v, w_o.reshape(n_kv, group, *w_o.shape[-2:])
 
 
@@ -177,7 +177,7 @@ def _linear_blocks(params, frozen, n_pos: int, d: int) -> attribution.LinearBloc
     for key, value in (("attn_norm", multiplier(subs[:at])), ("patterns", patterns),
                        ("w_v", w_v), ("w_o", w_o), ("attn_out_norm", multiplier(subs[at + 1:])),
                        ("mlp_norm", multiplier([block.pre_mlp]))):
-      parts[key].append(value.astype(jnp.float32))
+      parts[key].append(value)
   return attribution.LinearBlocks(**{k: jnp.stack(v) for k, v in parts.items()},
                                   final_norm=multiplier([final_norm]))
 
@@ -215,9 +215,7 @@ def linearizable(model) -> Linearized:
   blocks = tuple(_split_block(i, body[j]) for i, j in enumerate(at))
   final_norm = pz.nn.Sequential(body[at[-1] + 1:-1])
   params = pz.freeze_params(_freeze_layers((blocks, final_norm)))
-  table = body[-1].table.embeddings
-  table = table.value if hasattr(table, "value") else table
-  unembedding = table.unwrap("vocabulary", "embedding")
+  unembedding = _value(body[-1].table.embeddings).unwrap("vocabulary", "embedding")
   embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
   core = attribution.LinearizableModel(params=params, forward=_run_blocks,
                                        linear_blocks=_linear_blocks, unembedding=unembedding,
