@@ -84,6 +84,11 @@ class LinearizableModel:
   n_layers: int
   logit_soft_cap: float | None = None
 
+  @functools.cached_property
+  def unembedding_mean(self) -> Array:
+    """(d,) float32 mean row of ``unembedding``: read once per model, not per prompt."""
+    return jnp.mean(jnp.asarray(self.unembedding, jnp.float32), axis=0)
+
 
 @dataclasses.dataclass(frozen=True)
 class LinearBlocks:
@@ -269,16 +274,14 @@ def _clean_blocks(params, x0, rep, unembedding, last, *, forward, linear_blocks)
   """What attribution reads from the clean run of ``x0`` (n, d), whose positions after
   ``last`` are padding: its frozen blocks (``LinearBlocks``), each layer's activations
   (BOS and padding zeroed), the errors (L, n, d) (mlp_out minus the transcoder's output;
-  zero at BOS and padding), the logits at ``last`` (vocab,) and the mean unembedding
-  vector (d,)."""
+  zero at BOS and padding) and the logits at ``last`` (vocab,)."""
   mlp_in, mlp_out, final, frozen = _clean(params, x0, forward=forward, record=True)
   blocks = linear_blocks(params, frozen, *x0.shape)
   blocks = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), blocks)
   pos = jnp.arange(x0.shape[0])[:, None]
   acts = [None if a is None else a * (pos <= last) for a in activations(rep, mlp_in)[1]]
   err = (mlp_out - rep.reconstruct(mlp_in, acts)) * ((pos > 0) & (pos <= last))
-  u = jnp.asarray(unembedding, jnp.float32)
-  return blocks, acts, err, matmul(u, final[last]), jnp.mean(u, axis=0)
+  return blocks, acts, err, matmul(jnp.asarray(unembedding, jnp.float32), final[last])
 
 
 @functools.partial(jax.jit, static_argnames=("n_pos_run",))
@@ -318,25 +321,37 @@ def _rows(blocks: LinearBlocks, consts, target_ids, live, *, n_pos_run):
   per_slot = lambda a: a[pos_of]  # noqa: E731  (n, ...) per position -> (M, ...)
   to_grid = lambda y: jnp.zeros((b, n, *y.shape[1:])).at[row_of, pos_of].set(  # noqa: E731
       y, mode="drop")
+  # The products' weights with the contracted axis last, as the skip's (no per-layer
+  # transposes in the loop; free reshapes when there is one kv head).
+  n_kv, group, head_dim = blocks.w_o.shape[1:4]
+  w_o = blocks.w_o.reshape(n_layers, -1, blocks.w_o.shape[-1])  # (L, kv*g*h, d)
+  w_v = jnp.swapaxes(blocks.w_v, 1, 2).reshape(n_layers, -1, n_kv * head_dim)  # (L, d, kv*h)
+  patterns = blocks.patterns[:, :, :, :n, :n]
 
   def layer(i, carry):
     g, gc, ge = carry
     l = top - i
     # Sources added to the residual at this layer's mlp_out: decoder writes, errors.
-    dpos, dvec = consts["dec_pos"][l], consts["dec_vec"][l]
-    at = jnp.take(g, start[:, None] + dpos, axis=0, mode="fill", fill_value=0.0)
+    dpos = consts["dec_pos"][l]
+    by_slot = jnp.einsum("md,jd->mj", g, consts["dec_vec"][l])  # Every slot, every source:
+    edges = by_slot.at[start[:, None] + dpos, jnp.arange(dpos.shape[0])].get(  # a small
+        mode="fill", fill_value=0.0)  # product, then each row's slot at each source.
     seen = dpos[None, :] <= t_pos[:, None]  # Later positions are not the row's slots.
-    gc = gc.at[:, consts["dec_src"][l]].add(jnp.einsum("bnd,nd->bn", at, dvec) * seen)
+    gc = gc.at[:, consts["dec_src"][l]].add(edges * seen)
     ge = ge.at[row_of, l, pos_of].set(jnp.sum(g * per_slot(err[l]), -1), mode="drop")
     # The MLP passes a gradient only through the skip; this layer's targets enter here.
     gh = jnp.einsum("mo,io->mi", g, consts["skip"][l])
     gh = gh.at[t_slot].add(jnp.where((t_layer == l)[:, None], t_vec, 0.0), mode="drop")
     g = g + per_slot(blocks.mlp_norm[l, :n]) * gh
     # Attention's value path, patterns frozen.
-    go = jnp.einsum("md,kghd->mkgh", per_slot(blocks.attn_out_norm[l, :n]) * g, blocks.w_o[l])
-    gv = jnp.einsum("kgqs,bqkgh->bskh", blocks.patterns[l, :, :, :n, :n], to_grid(go))
-    gv = gv.at[row_of, pos_of].get(mode="fill", fill_value=0.0)
-    gy = jnp.einsum("mkh,kdh->md", gv, blocks.w_v[l])
+    go = jnp.einsum("md,jd->mj", per_slot(blocks.attn_out_norm[l, :n]) * g, w_o[l])
+    # Positions mix in a (kv, query, g, row, h) grid: the contraction over (query, g)
+    # is one matrix product per kv head, with no transposes of the grid.
+    grid = jnp.zeros((n_kv, n, group, b, head_dim)).at[:, pos_of, :, row_of].set(
+        go.reshape(-1, n_kv, group, head_dim), mode="drop")
+    gv = jnp.einsum("kgqs,kqgbh->sbkh", patterns[l], grid)
+    gv = gv.at[pos_of, row_of].get(mode="fill", fill_value=0.0)  # (M, kv, h)
+    gy = jnp.einsum("mj,dj->md", gv.reshape(-1, n_kv * head_dim), w_v[l])
     return g + per_slot(blocks.attn_norm[l, :n]) * gy, gc, ge
 
   init = (g, jnp.zeros((b, n_slots)), jnp.zeros((b, n_layers, n)))
@@ -581,7 +596,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   padded_x0 = np.zeros((n_run, d), np.float32)  # (host arrays: eager ops compile per shape)
   padded_x0[:n_pos] = np.asarray(x0)
   x0 = jnp.asarray(padded_x0)
-  blocks, acts, err, logits, u_mean = _clean_blocks(
+  blocks, acts, err, logits = _clean_blocks(
       model.params, x0, rep, model.unembedding, np.int32(n_pos - 1), forward=model.forward,
       linear_blocks=model.linear_blocks)
   feats = _active(acts)
@@ -589,7 +604,7 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   logit_ids, logit_p, logit_vecs = salient_logits(
       logits, model.unembedding, max_n_logits=max_n_logits,
       desired_logit_prob=desired_logit_prob, soft_cap=model.logit_soft_cap,
-      unembedding_mean=u_mean)
+      unembedding_mean=model.unembedding_mean)
   n_logits = len(logit_ids)
   consts, slot = _constants(rep, x0, err, feats, logit_vecs, n_real=n_pos, pad=pad_shapes)
   n_slots = consts["enc_vec"].shape[0]

@@ -15,6 +15,7 @@ scales exactly.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any
 
 import jax
@@ -223,8 +224,25 @@ def linearizable(model) -> Linearized:
   return Linearized(model=core, embed=embed, family="gemma2" if cap is not None else "gemma3")
 
 
+_LINEARIZED: dict[int, tuple[weakref.ref, Linearized]] = {}
+
+
 def _linearized(model) -> Linearized:
-  return model if isinstance(model, Linearized) else linearizable(model)
+  """``model`` split once for as long as it lives: repeated calls on one model reuse the
+  split (and its unembedding mean), and so the compiled clean run."""
+  if isinstance(model, Linearized):
+    return model
+  key = id(model)
+  hit = _LINEARIZED.get(key)
+  if hit is not None and hit[0]() is model:
+    return hit[1]
+  lin = linearizable(model)
+  try:
+    ref = weakref.ref(model, lambda _, key=key: _LINEARIZED.pop(key, None))
+  except TypeError:  # Not weakly referable: split it again next time.
+    return lin
+  _LINEARIZED[key] = (ref, lin)
+  return lin
 
 
 def _token_ids(tokens) -> np.ndarray:
