@@ -32,7 +32,7 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
 
   A later process that compiles the same program (same shapes, same jax and device) loads
   it instead: a second ``dictlearn circuit`` on a prompt of similar length, a re-run tour.
-  Programs that compiled in under a second are not stored. ``$DICTLEARN_COMPILATION_CACHE=0``
+  Programs that compiled in under a quarter second are not stored. ``$DICTLEARN_COMPILATION_CACHE=0``
   leaves JAX's settings alone; so does a cache folder set already (by the user or JAX's
   own ``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use, or None.
   """
@@ -46,5 +46,5 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
   folder = pathlib.Path(folder) if folder is not None else root() / "jax"
   folder.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(folder))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.25)
   return folder
