@@ -84,6 +84,11 @@ class TrainConfig:
       shared learning rate.
     sparsity_warmup_steps: the penalty coefficient ramps up linearly over these steps.
       None: 10% of steps.
+    loss_norm_cap: a row whose target norm is above this multiple of the data's RMS norm
+      weighs in the reconstruction loss (and in resampling's draw) as a row of that norm
+      would: its squared error times (cap * rms / ||y||)^2. A few massive tokens (on the
+      270M's layer-9 residual, 0.02% of tokens at 7-10x the median norm) then cannot draw
+      latents from the rest. None: every row's squared error counts in full.
     grad_clip: global gradient-norm clip (None: off).
     adam_b1: Adam's beta1 (the paper's 0).
     adam_b2: Adam's beta2.
@@ -133,6 +138,7 @@ class TrainConfig:
   final_lr_fraction: float = 0.0
   threshold_learning_rate: float | None = None
   sparsity_warmup_steps: int | None = None
+  loss_norm_cap: float | None = None
   grad_clip: float | None = 1.0
   adam_b1: float = 0.0
   adam_b2: float = 0.999
@@ -206,6 +212,9 @@ class TrainConfig:
       raise ValueError(f"skip_init must be 'lstsq' or 'zeros', not {self.skip_init!r}")
     if self.dec_init not in ("data", "random"):
       raise ValueError(f"dec_init must be 'data' or 'random', not {self.dec_init!r}")
+    if self.loss_norm_cap is not None and not self.loss_norm_cap > 0:
+      raise ValueError(f"loss_norm_cap must be positive (or None: off), not "
+                       f"{self.loss_norm_cap}")
     if self.threshold_init is not None and not self.threshold_init > 0:
       raise ValueError(f"threshold_init must be positive, not {self.threshold_init}")
     if self.resample_every is not None and (int(self.resample_every) != self.resample_every
@@ -250,6 +259,7 @@ class TrainConfig:
         threshold_learning_rate=float(pick(self.threshold_learning_rate,
                                            max(lr, 10.0 / steps))),
         sparsity_warmup_steps=int(pick(self.sparsity_warmup_steps, steps // 10)),
+        loss_norm_cap=None if self.loss_norm_cap is None else float(self.loss_norm_cap),
         grad_clip=None if self.grad_clip is None else float(self.grad_clip),
         adam_b1=float(self.adam_b1), adam_b2=float(self.adam_b2),
         log_every=int(self.log_every or max(1, min(100, steps // 50))),

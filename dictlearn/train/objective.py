@@ -95,9 +95,23 @@ def prefix_bounds(width: int, matryoshka) -> tuple[int, ...]:
   return tuple(widths)
 
 
+def row_weights(y, norm_cap: float | None):
+  """(B,) reconstruction-loss weights of normalised targets y (B, d_out): 1, except that a
+  row with ||y|| above ``norm_cap * sqrt(d_out)`` (the data's RMS norm) weighs
+  ``(norm_cap * sqrt(d_out) / ||y||)^2``, so its squared error counts as a row of that
+  norm's would. ``norm_cap`` None: None (every row counts in full)."""
+  if norm_cap is None:
+    return None
+  cap2 = norm_cap * norm_cap * y.shape[-1]
+  return jnp.minimum(1.0, cap2 / jnp.maximum(jnp.sum(jnp.square(y), axis=-1), 1e-30))
+
+
 def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
-            bounds: tuple[int, ...], compute_dtype=jnp.float32):
+            bounds: tuple[int, ...], compute_dtype=jnp.float32, weights=None):
   """Scalar loss and metrics for a normalised batch x (B, d_in), y (B, d_out).
+
+  ``weights`` (B,): each row's weight in the reconstruction loss (``row_weights``; None:
+  ones). The metrics are unweighted.
 
   Returns (loss, aux) with aux: ``sse`` (mean over rows of ||y - y_hat||^2, full width),
   ``var`` (sum over rows of ||y - mean(y)||^2, for FVU), ``l0`` (mean active latents),
@@ -116,8 +130,9 @@ def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
   # Prefix reconstructions share work: each adds its chunk of latents to the previous one.
   for end in bounds:
     y_hat = y_hat + matmul(f[:, start:end], params["w_dec"][start:end], compute_dtype)
-    sse = jnp.mean(jnp.sum(jnp.square(y_hat - y), axis=-1))
-    recon = recon + sse
+    row_sse = jnp.sum(jnp.square(y_hat - y), axis=-1)
+    sse = jnp.mean(row_sse)
+    recon = recon + (sse if weights is None else jnp.mean(weights * row_sse))
     start = end
 
   l0_soft = jnp.mean(jnp.sum(gate, axis=-1))

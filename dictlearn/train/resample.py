@@ -9,7 +9,8 @@ two thirds of the latents end up silent and a third of the directions missing). 
 restarted where the dictionary is worst:
 
 * rows of the current batch are drawn without replacement with probability proportional
-  to their squared reconstruction error (of the target, for a transcoder); latent k of
+  to their squared reconstruction error (of the target, for a transcoder), weighted as
+  the loss weighs it (``loss_norm_cap``); latent k of
   the restarted ones gets the k-th drawn row (if there are more restarted latents than
   rows, the rest wait for the next resampling);
 * decoder row = that row's residual ``y - y_hat``, unit-normed; encoder column = the same
@@ -18,7 +19,10 @@ restarted where the dictionary is worst:
 * threshold from the data, as at the start (:func:`dictlearn.train.init.initial_thresholds`):
   the quantile of the new latent's pre-activations over the batch at which it fires at
   the mean rate;
-* Adam's moments of its encoder column, bias, threshold and decoder row are zeroed.
+* Adam's first moments of its encoder column, bias, threshold and decoder row are zeroed,
+  and their second moments set to the kept latents' mean (from zero, with Adam's bias
+  correction counting the run's steps, a restarted latent's first steps would be about
+  30x the learning rate).
 
 The firing counts restart at zero after every resampling. The draw is a function of the
 run's seed and the step, so runs, resumes and sharded runs agree.
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from dictlearn.dictionary import matmul
+from dictlearn.train import objective
 from dictlearn.train.config import TrainConfig
 from dictlearn.train.step import jit_state_fn
 
@@ -64,6 +69,8 @@ def make_resample(cfg: TrainConfig):
       y_hat = y_hat + matmul(xn, params["w_skip"], compute_dtype)
     resid = yn - y_hat
     err = jnp.sum(jnp.square(resid), axis=-1)
+    if cfg.loss_norm_cap is not None:
+      err = err * objective.row_weights(yn, cfg.loss_norm_cap)
 
     counts = state["fired_rows"]
     if cfg.target_l0 is not None:
@@ -126,7 +133,17 @@ def make_resample(cfg: TrainConfig):
       for entry in reversed(path):
         name = getattr(entry, "key", None)
         if name in _WIDTH_AXIS and leaf.ndim == (2 if name in ("w_enc", "w_dec") else 1):
-          return put(name, leaf, jnp.zeros_like(leaf))
+          if not any(getattr(e, "name", None) == "nu" for e in path):
+            return put(name, leaf, jnp.zeros_like(leaf))
+          # Adam's second moment: the kept latents' mean, not zero. Adam's bias
+          # correction counts the run's steps, not the latent's, so from a zero moment a
+          # restarted latent's first steps would be ~1 / sqrt(1 - b2) times too large.
+          axis = _WIDTH_AXIS[name]
+          shape = [1] * leaf.ndim
+          shape[axis] = -1
+          w = kept.reshape(shape)
+          mean = jnp.sum(leaf * w, axis=axis, keepdims=True) / jnp.maximum(jnp.sum(kept), 1.0)
+          return put(name, leaf, jnp.broadcast_to(mean, leaf.shape))
       return leaf
 
     opt_state = jax.tree_util.tree_map_with_path(reset, state["opt"])

@@ -73,7 +73,8 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
     coeff = opt.coeff_at(state["step"].astype(jnp.float32))
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
         params, xn, yn, coeff=coeff, target_l0=cfg.target_l0, eps=cfg.bandwidth,
-        bounds=cfg.matryoshka, compute_dtype=compute_dtype)
+        bounds=cfg.matryoshka, compute_dtype=compute_dtype,
+        weights=objective.row_weights(yn, cfg.loss_norm_cap))
     updates, opt_state = opt.update(grads, state["opt"], params)
     params = jax.tree_util.tree_map(jnp.add, params, updates)
     params["w_dec"] = objective.unit_rows(params["w_dec"])

@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from jax.sharding import Mesh
 
 import dictlearn
@@ -373,8 +374,11 @@ def test_resampling_restarts_only_the_rare_latents(kind):
   init = estimate_init(as_source(x, None if kind == "sae" else y), cfg)
   state = initial_state(cfg, opt, init)
   # Adam moments made nonzero, every latent firing often except latents 3 and 40.
-  state["opt"] = jax.tree_util.tree_map(lambda a: a + 1 if a.dtype == np.float32 else a,
-                                        state["opt"])
+  state["opt"] = jax.tree_util.tree_map(
+      lambda a: a + 1 + np.arange(a.size).reshape(a.shape) % 7 if a.dtype == np.float32 else a,
+      state["opt"])
+  before = {tuple(map(str, p)): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(state["opt"])}
   counts = np.full(64, 1000, np.int32)
   counts[[3, 40]] = [0, 3]  # below 0.1 * (2 / 64) * 10 * 128 = 4 rows
   state["fired_rows"] = jax.numpy.asarray(counts)
@@ -390,12 +394,20 @@ def test_resampling_restarts_only_the_rare_latents(kind):
   np.testing.assert_allclose(np.linalg.norm(np.asarray(p1["w_dec"]), axis=1), 1, rtol=1e-5)
   assert np.all(np.isfinite(np.asarray(p1["log_threshold"])))
   assert np.all(np.asarray(new["fired_rows"]) == 0)
+  # Restarted latents: Adam's first moment zeroed, its second the kept latents' mean;
+  # the kept latents' moments untouched.
   for path, leaf in jax.tree_util.tree_leaves_with_path(new["opt"]):
     name = getattr(path[-1], "key", None)
-    if name == "w_dec":
-      assert np.all(np.asarray(leaf)[[3, 40]] == 0) and np.all(np.asarray(leaf)[0] == 1)
-    if name == "w_enc":
-      assert np.all(np.asarray(leaf)[:, [3, 40]] == 0) and np.all(np.asarray(leaf)[:, 0] == 1)
+    if name not in ("w_dec", "w_enc"):
+      continue
+    old, leaf = before[tuple(map(str, path))], np.asarray(leaf)
+    axis = 0 if name == "w_dec" else 1
+    old, leaf = np.moveaxis(old, axis, 0), np.moveaxis(leaf, axis, 0)
+    np.testing.assert_array_equal(leaf[keep], old[keep])
+    is_nu = any(getattr(e, "name", None) == "nu" for e in path)
+    want = np.mean(old[keep], axis=0) if is_nu else 0
+    np.testing.assert_allclose(leaf[[3, 40]], np.broadcast_to(want, leaf[[3, 40]].shape),
+                               rtol=1e-6)
 
 
 def test_fixed_coefficient_penalty(tiny):
@@ -500,3 +512,29 @@ def test_logged_fvu_weighs_rows_as_a_corpus_fvu_does():
   # Each batch is centred on its own mean, which leaves out about 1/batch_size of the
   # variance.
   np.testing.assert_allclose(h["fvu"][-1], direct, rtol=0.02)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cap=st.floats(0.5, 8.0), scale=st.floats(0.1, 100.0), seed=st.integers(0, 99))
+def test_loss_norm_cap_counts_a_massive_row_as_a_row_at_the_cap(cap, scale, seed):
+  # Each row's squared error is weighted; a row above cap * sqrt(d) counts as the same row
+  # scaled down to that norm (same relative error), a row under it counts in full.
+  key = jax.random.key(seed)
+  d = 8
+  params = objective.init_params(key, d_in=d, d_out=d, width=16, kind="sae", affine=False,
+                                 threshold_init=0.01, encoder_scale=1.0, b_dec=np.zeros(d))
+  x = np.asarray(jax.random.normal(jax.random.key(seed + 1), (1, d)))
+  x = (x / np.linalg.norm(x) * scale * np.sqrt(d)).astype(np.float32)
+  w = objective.row_weights(x, cap)
+  kw = dict(coeff=0.0, target_l0=None, eps=0.01, bounds=(16,))
+  plain, aux = objective.loss_fn(params, x, x, **kw)
+  weighted, aux_w = objective.loss_fn(params, x, x, weights=w, **kw)
+  np.testing.assert_allclose(aux_w["sse"], aux["sse"], rtol=1e-6)  # metrics unweighted
+  np.testing.assert_allclose(weighted, plain * min(1.0, (cap / scale) ** 2), rtol=1e-4)
+  assert objective.row_weights(x, None) is None
+
+
+def test_loss_norm_cap_is_validated():
+  with pytest.raises(ValueError, match="loss_norm_cap"):
+    TrainConfig(width=8, steps=1, batch_size=8, learning_rate=1e-3, target_l0=2,
+                loss_norm_cap=0.0, d_in=8).resolve()
