@@ -19,10 +19,7 @@ restarted where the dictionary is worst:
 * threshold from the data, as at the start (:func:`dictlearn.train.init.initial_thresholds`):
   the quantile of the new latent's pre-activations over the batch at which it fires at
   the mean rate;
-* Adam's first moments of its encoder column, bias, threshold and decoder row are zeroed,
-  and their second moments set to the kept latents' mean (from zero, with Adam's bias
-  correction counting the run's steps, a restarted latent's first steps would be about
-  30x the learning rate).
+* Adam's moments of its encoder column, bias, threshold and decoder row are zeroed.
 
 The firing counts restart at zero after every resampling. The draw is a function of the
 run's seed and the step, so runs, resumes and sharded runs agree.
@@ -133,17 +130,7 @@ def make_resample(cfg: TrainConfig):
       for entry in reversed(path):
         name = getattr(entry, "key", None)
         if name in _WIDTH_AXIS and leaf.ndim == (2 if name in ("w_enc", "w_dec") else 1):
-          if not any(getattr(e, "name", None) == "nu" for e in path):
-            return put(name, leaf, jnp.zeros_like(leaf))
-          # Adam's second moment: the kept latents' mean, not zero. Adam's bias
-          # correction counts the run's steps, not the latent's, so from a zero moment a
-          # restarted latent's first steps would be ~1 / sqrt(1 - b2) times too large.
-          axis = _WIDTH_AXIS[name]
-          shape = [1] * leaf.ndim
-          shape[axis] = -1
-          w = kept.reshape(shape)
-          mean = jnp.sum(leaf * w, axis=axis, keepdims=True) / jnp.maximum(jnp.sum(kept), 1.0)
-          return put(name, leaf, jnp.broadcast_to(mean, leaf.shape))
+          return put(name, leaf, jnp.zeros_like(leaf))
       return leaf
 
     opt_state = jax.tree_util.tree_map_with_path(reset, state["opt"])
