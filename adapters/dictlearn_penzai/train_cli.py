@@ -80,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
   # leaves its rare massive-norm tokens badly reconstructed (benchmarks/RESULTS.md).
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--loss-norm-cap", type=float, default=None,
+                  help="rows above this multiple of the RMS norm weigh in the loss as rows "
+                       "at it (TrainConfig.loss_norm_cap; default: off)")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                   help="dtype of the saved weights")
   ap.add_argument("--out", required=True, help="output folder (Gemma Scope 2 layout)")
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
         folders[src], kind=args.kind, width=args.width, target_l0=args.target_l0,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
         targets=folders[dst] if args.kind == "transcoder" else None, affine=args.affine,
-        meta=meta)
+        loss_norm_cap=args.loss_norm_cap, meta=meta)
   if not dist.is_primary():
     return 0  # Process 0 writes the result.
   # Record the L0 reached, not the one asked for: it is what users compare against.
