@@ -32,9 +32,10 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
 
   A later process that compiles the same program (same shapes, same jax and device) loads
   it instead: a second ``dictlearn circuit`` on a prompt of similar length, a re-run tour.
-  Programs that compiled in under a quarter second are not stored. ``$DICTLEARN_COMPILATION_CACHE=0``
-  leaves JAX's settings alone; so does a cache folder set already (by the user or JAX's
-  own ``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use, or None.
+  Programs that compiled in under a quarter second are not stored (attribution's rows,
+  about half a second, are). ``$DICTLEARN_COMPILATION_CACHE=0`` leaves JAX's settings
+  alone; so does a cache folder set already (by the user or JAX's own
+  ``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use, or None.
   """
   import jax
 

@@ -87,8 +87,9 @@ class TrainConfig:
     loss_norm_cap: a row whose target norm is above this multiple of the data's RMS norm
       weighs in the reconstruction loss (and in resampling's draw) as a row of that norm
       would: its squared error times (cap * rms / ||y||)^2. A few massive tokens (on the
-      270M's layer-9 residual, 0.02% of tokens at 7-10x the median norm) then cannot draw
-      latents from the rest. None: every row's squared error counts in full.
+      270M's layer-9 residual, 0.02% of tokens at 7-10x the median norm) then draw fewer
+      latents from the rest (2 there: benchmarks/RESULTS.md). None: every row's squared
+      error counts in full.
     grad_clip: global gradient-norm clip (None: off).
     adam_b1: Adam's beta1 (the paper's 0).
     adam_b2: Adam's beta2.

@@ -10,9 +10,9 @@ restarted where the dictionary is worst:
 
 * rows of the current batch are drawn without replacement with probability proportional
   to their squared reconstruction error (of the target, for a transcoder), weighted as
-  the loss weighs it (``loss_norm_cap``); latent k of
-  the restarted ones gets the k-th drawn row (if there are more restarted latents than
-  rows, the rest wait for the next resampling);
+  the loss weighs it (``loss_norm_cap``); latent k of the restarted ones gets the k-th
+  drawn row (if there are more restarted latents than rows, the rest wait for the next
+  resampling);
 * decoder row = that row's residual ``y - y_hat``, unit-normed; encoder column = the same
   direction (SAE) or the row's centred input, unit-normed (transcoder), times the mean
   encoder-column norm of the kept latents; ``b_enc`` = 0;
