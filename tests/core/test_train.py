@@ -470,8 +470,9 @@ def test_config_object_and_overrides_agree(tiny, baseline):
 def test_resolve_fills_every_derived_default_once():
   cfg = TrainConfig(width=64, steps=3000, batch_size=8, learning_rate=3e-4, target_l0=4,
                     d_in=16).resolve()
+  off = ("threshold_init", "grad_clip", "loss_norm_cap")  # None there means off
   assert all(getattr(cfg, f.name) is not None for f in dataclasses.fields(cfg)
-             if f.name not in ("threshold_init", "grad_clip"))
+             if f.name not in off)
   assert cfg.resolve() == cfg
   assert cfg.d_out == 16 and cfg.sparsity_coeff == 4.0 and cfg.affine is False
   assert cfg.warmup_steps == 150 and cfg.sparsity_warmup_steps == 300
