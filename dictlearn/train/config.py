@@ -95,7 +95,9 @@ class TrainConfig:
     adam_b2: Adam's beta2.
     log_every: history granularity in steps (each entry averages its window). None:
       steps / 50, between 1 and 100.
-    dead_window_tokens: a latent silent for this many tokens counts as dead.
+    dead_window_tokens: a latent silent for this many tokens counts as dead (the logged
+      ``dead_fraction``). None: 10M (Anthropic's window), but at most a tenth of the
+      run's tokens, so a short run's log can show latents dying.
     resample_every: steps between resamplings of rarely firing latents (0: never). At each,
       every latent that fired on fewer than ``resample_below`` times the mean firing rate
       (``target_l0 / width``, or the observed L0 / width without a target) of the rows
@@ -144,7 +146,7 @@ class TrainConfig:
   adam_b1: float = 0.0
   adam_b2: float = 0.999
   log_every: int | None = None
-  dead_window_tokens: int = 10_000_000
+  dead_window_tokens: int | None = None
   resample_every: int | None = None
   resample_until: int | None = None
   resample_below: float = 0.1
@@ -216,6 +218,10 @@ class TrainConfig:
     if self.loss_norm_cap is not None and not self.loss_norm_cap > 0:
       raise ValueError(f"loss_norm_cap must be positive (or None: off), not "
                        f"{self.loss_norm_cap}")
+    if self.dead_window_tokens is not None and not (
+        int(self.dead_window_tokens) == self.dead_window_tokens > 0):
+      raise ValueError(f"dead_window_tokens must be a positive integer (or None: a tenth "
+                       f"of the run, at most 10M), not {self.dead_window_tokens!r}")
     if self.threshold_init is not None and not self.threshold_init > 0:
       raise ValueError(f"threshold_init must be positive, not {self.threshold_init}")
     if self.resample_every is not None and (int(self.resample_every) != self.resample_every
@@ -264,7 +270,9 @@ class TrainConfig:
         grad_clip=None if self.grad_clip is None else float(self.grad_clip),
         adam_b1=float(self.adam_b1), adam_b2=float(self.adam_b2),
         log_every=int(self.log_every or max(1, min(100, steps // 50))),
-        dead_window_tokens=int(self.dead_window_tokens), resample_every=int(every),
+        dead_window_tokens=int(pick(self.dead_window_tokens, min(
+            10_000_000, max(1, steps * int(self.batch_size) // 10)))),
+        resample_every=int(every),
         resample_until=int(pick(self.resample_until, steps // 2)),
         resample_below=float(self.resample_below), normalize=bool(self.normalize),
         skip_hold_steps=int(pick(self.skip_hold_steps, steps // 2)),
