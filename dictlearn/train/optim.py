@@ -10,25 +10,12 @@ makes sense for L1-style penalties.
 
 Order of the chain: project, clip by global norm, Adam (the paper uses beta1 = 0), scale
 by the learning-rate schedule.
-
-Adam counts its bias correction per latent (:func:`scale_by_latent_adam`): resampling
-restarts a latent's moments at zero, and corrected by the run's step count (about 1 after
-a few thousand steps) a restarted latent's first update would be ``1 / sqrt(1 - b2)``
-(32 at 0.999) times the learning rate in every coordinate, enough to throw its encoder
-off the direction it was restarted on.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 import optax
-
-# The axis along which each parameter is indexed by latent; the others (b_dec, w_skip)
-# are shared by all latents.
-WIDTH_AXIS = {"w_enc": 1, "b_enc": 0, "log_threshold": 0, "w_dec": 0}
 
 
 def project_out_decoder_radial() -> optax.GradientTransformation:
@@ -45,52 +32,6 @@ def project_out_decoder_radial() -> optax.GradientTransformation:
     updates = dict(updates)
     updates["w_dec"] = g - jnp.sum(g * w, axis=-1, keepdims=True) * w
     return updates, state
-
-  return optax.GradientTransformation(init, update)
-
-
-class LatentAdamState(NamedTuple):
-  """Attributes:
-    count: () steps taken.
-    latent_count: (width,) steps taken since each latent started or was last restarted
-      (resampling sets it to 0 with the latent's moments).
-    mu, nu: Adam's first and second moments, shaped as the params.
-  """
-
-  count: jax.Array
-  latent_count: jax.Array
-  mu: dict
-  nu: dict
-
-
-def scale_by_latent_adam(b1: float, b2: float,
-                         eps: float = 1e-8) -> optax.GradientTransformation:
-  """``optax.scale_by_adam`` on a params dict, with the bias correction of every entry of
-  a latent (``WIDTH_AXIS``) counted from that latent's ``latent_count``."""
-
-  def init(params):
-    width = params["b_enc"].shape[0]
-    # Two trees: a donated state must not hold one buffer twice.
-    mu, nu = (jax.tree_util.tree_map(jnp.zeros_like, params) for _ in range(2))
-    return LatentAdamState(count=jnp.zeros([], jnp.int32),
-                           latent_count=jnp.zeros([width], jnp.int32), mu=mu, nu=nu)
-
-  def update(updates, state, params=None):
-    del params
-    count = optax.safe_increment(state.count)
-    latent_count = optax.safe_increment(state.latent_count)
-    mu = {k: b1 * state.mu[k] + (1 - b1) * g for k, g in updates.items()}
-    nu = {k: b2 * state.nu[k] + (1 - b2) * jnp.square(g) for k, g in updates.items()}
-    out = {}
-    for k in updates:
-      t = count
-      if k in WIDTH_AXIS:
-        shape = [1] * updates[k].ndim
-        shape[WIDTH_AXIS[k]] = -1
-        t = latent_count.reshape(shape)
-      t = t.astype(jnp.float32)
-      out[k] = (mu[k] / (1 - b1 ** t)) / (jnp.sqrt(nu[k] / (1 - b2 ** t)) + eps)
-    return out, LatentAdamState(count=count, latent_count=latent_count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init, update)
 
@@ -170,8 +111,7 @@ def make_optimizer(schedule, *, grad_clip: float | None, b1: float, b2: float,
   parts = [project_out_decoder_radial()]
   if grad_clip:
     parts.append(optax.clip_by_global_norm(grad_clip))
-  parts += [scale_by_latent_adam(b1=b1, b2=b2, eps=eps),
-            optax.scale_by_learning_rate(schedule)]
+  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), optax.scale_by_learning_rate(schedule)]
   factors = {k: f for k, f in (lr_factors or {}).items() if f != 1.0}
   if factors:
     parts.append(scale_params(factors))

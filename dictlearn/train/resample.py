@@ -19,8 +19,7 @@ restarted where the dictionary is worst:
 * threshold from the data, as at the start (:func:`dictlearn.train.init.initial_thresholds`):
   the quantile of the new latent's pre-activations over the batch at which it fires at
   the mean rate;
-* Adam's moments of its encoder column, bias, threshold and decoder row are zeroed, and
-  so is its step count, which Adam's bias correction reads (:mod:`.optim`).
+* Adam's moments of its encoder column, bias, threshold and decoder row are zeroed.
 
 The firing counts restart at zero after every resampling. The draw is a function of the
 run's seed and the step, so runs, resumes and sharded runs agree.
@@ -36,12 +35,10 @@ import jax.numpy as jnp
 from dictlearn.dictionary import matmul
 from dictlearn.train import objective
 from dictlearn.train.config import TrainConfig
-from dictlearn.train.optim import WIDTH_AXIS
 from dictlearn.train.step import jit_state_fn
 
-# Leaves of the params and of Adam's state (moments, which mirror the params, and the
-# per-latent step count) with a width axis.
-_WIDTH_AXIS = {**WIDTH_AXIS, "latent_count": 0}
+# Leaves of the params (and of Adam's moments, which mirror them) with a width axis.
+_WIDTH_AXIS = {"w_enc": 1, "b_enc": 0, "log_threshold": 0, "w_dec": 0}
 
 
 def due(cfg: TrainConfig, done: int) -> bool:
@@ -131,7 +128,7 @@ def make_resample(cfg: TrainConfig):
 
     def reset(path, leaf):
       for entry in reversed(path):
-        name = getattr(entry, "key", getattr(entry, "name", None))
+        name = getattr(entry, "key", None)
         if name in _WIDTH_AXIS and leaf.ndim == (2 if name in ("w_enc", "w_dec") else 1):
           return put(name, leaf, jnp.zeros_like(leaf))
       return leaf

@@ -143,13 +143,12 @@ def shardings(state, mesh, data_axis: str = "data", width_axis: str | None = Non
     raise ValueError(f"the mesh has axes {mesh.axis_names}; no width axis {width_axis!r}")
   w = width_axis
   specs = {"w_enc": P(None, w), "b_enc": P(w), "log_threshold": P(w), "w_dec": P(w, None),
-           "b_dec": P(), "w_skip": P(), "since_fired": P(w), "fired_rows": P(w),
-           "latent_count": P(w)}
+           "b_dec": P(), "w_skip": P(), "since_fired": P(w), "fired_rows": P(w)}
 
   def pick(path, leaf):
-    # Adam's moments mirror the params tree, so the last key names the parameter.
+    # Adam's moments mirror the params tree, so the last dict key names the parameter.
     for entry in reversed(path):
-      name = getattr(entry, "key", getattr(entry, "name", None))
+      name = getattr(entry, "key", None)
       if name in specs and len(specs[name]) in (0, leaf.ndim):
         return NamedSharding(mesh, specs[name])
     return NamedSharding(mesh, P())
