@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--loss-norm-cap", type=float, default=None,
                   help="rows above this multiple of the RMS norm weigh in the loss as rows "
                        "at it (TrainConfig.loss_norm_cap; default: off)")
+  ap.add_argument("--encoder-center", action="store_true",
+                  help="the encoder reads x less the data's median while training "
+                       "(TrainConfig.encoder_center: fewer silent latents on Gemma's "
+                       "residual; default: off)")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                   help="dtype of the saved weights")
   ap.add_argument("--out", required=True, help="output folder (Gemma Scope 2 layout)")
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
         folders[src], kind=args.kind, width=args.width, target_l0=args.target_l0,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
         targets=folders[dst] if args.kind == "transcoder" else None, affine=args.affine,
-        loss_norm_cap=args.loss_norm_cap, meta=meta)
+        loss_norm_cap=args.loss_norm_cap, encoder_center=args.encoder_center, meta=meta)
   if not dist.is_primary():
     return 0  # Process 0 writes the result.
   # Record the L0 reached, not the one asked for: it is what users compare against.

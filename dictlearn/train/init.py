@@ -46,6 +46,7 @@ class InitEstimate:
     b_dec: (d_out,) initial decoder bias.
     w_skip: (d_in, d_out) initial skip of an affine transcoder, or None (zeros).
     sample: (n, d_in) the normalised input sample, for the thresholds.
+    x_center: (d_in,) geometric median of ``sample`` (``TrainConfig.encoder_center``).
     targets: (n, d_out) the normalised targets less b_dec and the initial skip (the
       sample itself, less b_dec, for an SAE), for the decoder rows.
   """
@@ -56,6 +57,7 @@ class InitEstimate:
   w_skip: np.ndarray | None
   sample: np.ndarray
   targets: np.ndarray
+  x_center: np.ndarray | None = None
 
 
 def estimate_init(src, cfg: TrainConfig) -> InitEstimate:
@@ -84,9 +86,14 @@ def estimate_init(src, cfg: TrainConfig) -> InitEstimate:
     b_dec = yn.mean(0)
   else:
     b_dec = np.zeros(yn.shape[1])
+  x_center = None
+  if cfg.encoder_center:
+    same = cfg.kind == "sae" and cfg.b_dec_init == "median"
+    x_center = (b_dec if same else geometric_median(xn)).astype(np.float32)
   return InitEstimate(s_in=s_in, s_out=s_out, b_dec=b_dec.astype(np.float32),
                       w_skip=None if w_skip is None else w_skip.astype(np.float32),
-                      sample=xn.astype(np.float32), targets=(yn - b_dec).astype(np.float32))
+                      sample=xn.astype(np.float32), targets=(yn - b_dec).astype(np.float32),
+                      x_center=x_center)
 
 
 def _ridge(x, y, rel: float = 1e-4):
@@ -188,8 +195,10 @@ def _rows_from_data(params, init: InitEstimate, cfg: TrainConfig,
 
 
 def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> dict:
-  """The train state ``{"params", "opt", "step", "since_fired", "fired_rows", "acc"}`` at
-  step 0 (``fired_rows``: rows each latent fired on since the last resampling).
+  """The train state ``{"params", "opt", "step", "since_fired", "fired_rows", "acc",
+  "center"}`` at step 0 (``fired_rows``: rows each latent fired on since the last
+  resampling; ``center``: what the encoder subtracts from its input, zeros unless
+  ``encoder_center``).
 
   ``init`` None gives placeholder biases and thresholds (for shapes: a resume template,
   a benchmark).
@@ -203,9 +212,12 @@ def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> di
       encoder_scale=cfg.encoder_scale, b_dec=b_dec, w_skip=w_skip)
   if cfg.dec_init == "data" and init is not None:
     params = _rows_from_data(params, init, cfg)
+  center = np.zeros(cfg.d_in, np.float32)
+  if init is not None and init.x_center is not None:
+    center = init.x_center
   if cfg.threshold_init is None and init is not None:
     params["log_threshold"] = jnp.log(jnp.asarray(
-        initial_thresholds(params, init.sample, cfg)))
+        initial_thresholds(params, init.sample - center, cfg)))
   return {
       "params": params,
       "opt": opt.init(params),
@@ -213,4 +225,5 @@ def initial_state(cfg: TrainConfig, opt, init: InitEstimate | None = None) -> di
       "since_fired": jnp.zeros((cfg.width,), jnp.int32),
       "fired_rows": jnp.zeros((cfg.width,), jnp.int32),
       "acc": {k: jnp.zeros((), jnp.float32) for k in (*METRICS, *SUMS, "n")},
+      "center": jnp.asarray(center),
   }

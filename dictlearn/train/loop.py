@@ -161,7 +161,8 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
   def finish():
     d = objective.to_dictionary(dist.gather_tree(state["params"]), s_in=scales[0],
                                 s_out=scales[1], kind=cfg.kind,
-                                meta=hist.final_meta(meta, cfg, history, scales))
+                                meta=hist.final_meta(meta, cfg, history, scales),
+                                center=dist.gather_tree(state["center"]))
     return d, hist.as_arrays(history)
 
   if start >= cfg.steps:

@@ -107,17 +107,18 @@ def row_weights(y, norm_cap: float | None):
 
 
 def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
-            bounds: tuple[int, ...], compute_dtype=jnp.float32, weights=None):
+            bounds: tuple[int, ...], compute_dtype=jnp.float32, weights=None, center=0.0):
   """Scalar loss and metrics for a normalised batch x (B, d_in), y (B, d_out).
 
   ``weights`` (B,): each row's weight in the reconstruction loss (``row_weights``; None:
-  ones). The metrics are unweighted.
+  ones). The metrics are unweighted. ``center`` (d_in,): what the encoder subtracts from x
+  (``TrainConfig.encoder_center``; the skip reads x itself).
 
   Returns (loss, aux) with aux: ``sse`` (mean over rows of ||y - y_hat||^2, full width),
   ``var`` (sum over rows of ||y - mean(y)||^2, for FVU), ``l0`` (mean active latents),
   ``fired`` (width,) int32: on how many rows of the batch each latent fired.
   """
-  pre = matmul(x, params["w_enc"], compute_dtype) + params["b_enc"]
+  pre = matmul(x - center, params["w_enc"], compute_dtype) + params["b_enc"]
   theta = jnp.broadcast_to(jnp.exp(params["log_threshold"]), pre.shape)
   f = ste.jumprelu(pre, theta, eps)
   gate = ste.heaviside(pre, theta, eps)
@@ -151,8 +152,11 @@ def loss_fn(params: Params, x, y, *, coeff, target_l0: float | None, eps: float,
 
 
 def to_dictionary(params: Params, *, s_in: float, s_out: float, kind: str,
-                  meta: DictMeta) -> JumpReLUSAE | Transcoder:
+                  meta: DictMeta, center=None) -> JumpReLUSAE | Transcoder:
   """The trained dictionary on raw activations, with the normalisation folded in.
+
+  ``center`` (d_in,), the encoder's input center in normalised units, is folded into the
+  bias first: ``(x - c) @ w_enc + b_enc = x @ w_enc + (b_enc - c @ w_enc)``.
 
   Training computes ``y' = dec(enc(s_in x))`` with ``y' ~ s_out y``. Dividing the latents
   by ``s_out`` (a positive scale commutes with JumpReLU once the threshold is scaled too)
@@ -164,6 +168,8 @@ def to_dictionary(params: Params, *, s_in: float, s_out: float, kind: str,
   so decoder rows stay unit directions and latent values are in the site's own units.
   """
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), params)
+  if center is not None:
+    p["b_enc"] = p["b_enc"] - np.asarray(center, np.float32) @ p["w_enc"]
   c = np.float32(1.0 / s_out)
   r = np.float32(s_in / s_out)
   common = dict(w_enc=p["w_enc"] * r, b_enc=p["b_enc"] * c,

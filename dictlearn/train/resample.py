@@ -59,7 +59,8 @@ def make_resample(cfg: TrainConfig):
     xn, yn = x * scales[0], y * scales[1]
     w_enc, b_enc, w_dec = params["w_enc"], params["b_enc"], params["w_dec"]
     theta = jnp.exp(params["log_threshold"])
-    pre = matmul(xn, w_enc, compute_dtype) + b_enc
+    xc = xn - state["center"]  # what the encoder reads
+    pre = matmul(xc, w_enc, compute_dtype) + b_enc
     f = jnp.where(pre > theta, pre, 0.0)
     y_hat = params["b_dec"] + matmul(f, w_dec, compute_dtype)
     if "w_skip" in params:
@@ -99,7 +100,7 @@ def make_resample(cfg: TrainConfig):
 
     # Thresholds: each candidate fires on a fraction `rate` of the batch (at least one
     # row), as the start's thresholds do on the init sample; b_enc restarts at 0.
-    cand_pre = matmul(xn, cand_enc, compute_dtype)  # (B, n_pick)
+    cand_pre = matmul(xc, cand_enc, compute_dtype)  # (B, n_pick)
     b = cfg.batch_size
     if cfg.target_l0 is not None:
       k = int(min(b - 1, max(1, round(b * cfg.target_l0 / cfg.width))))

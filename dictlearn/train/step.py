@@ -74,7 +74,7 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
         params, xn, yn, coeff=coeff, target_l0=cfg.target_l0, eps=cfg.bandwidth,
         bounds=cfg.matryoshka, compute_dtype=compute_dtype,
-        weights=objective.row_weights(yn, cfg.loss_norm_cap))
+        weights=objective.row_weights(yn, cfg.loss_norm_cap), center=state["center"])
     updates, opt_state = opt.update(grads, state["opt"], params)
     params = jax.tree_util.tree_map(jnp.add, params, updates)
     params["w_dec"] = objective.unit_rows(params["w_dec"])
@@ -99,7 +99,8 @@ def make_step(cfg: TrainConfig, opt: Optimizer | None = None):
     # Saturates (after the last resampling nothing resets it) instead of overflowing.
     fired_rows = jnp.minimum(state["fired_rows"], 1 << 30) + aux["fired"]
     return {"params": params, "opt": opt_state, "step": state["step"] + 1,
-            "since_fired": since, "fired_rows": fired_rows, "acc": acc}
+            "since_fired": since, "fired_rows": fired_rows, "acc": acc,
+            "center": state["center"]}
 
   return step
 
