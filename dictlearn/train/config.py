@@ -73,8 +73,10 @@ class TrainConfig:
       the end. Read raw, every firing row's encoder gradient carries the inputs' common
       part (on the 270M's layer-9 residual the mean is 97% of a row's norm), which pulls
       encoders onto that direction. There it leaves a third fewer latents silent and
-      reconstructs the rare massive-norm tokens 5-10x better, at about the same FVU on
-      the rest (benchmarks/RESULTS.md); off by default until it is checked more widely.
+      reconstructs the rare massive-norm tokens 4-10x better, at about the same FVU on
+      the rest (benchmarks/RESULTS.md); on the demo transcoder's normed MLP input it did
+      worse (more silent latents, L0 under the target). Off by default until it is
+      understood more widely.
       Its start fires at 2x the target L0, not 10x (``init_firing_rate``): from 10x the
       thresholds ended near a row's norm there, and the FVU at 4.
     dec_init: "data": decoder rows start at distinct rows of the init sample (targets less

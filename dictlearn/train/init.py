@@ -88,7 +88,7 @@ def estimate_init(src, cfg: TrainConfig) -> InitEstimate:
     b_dec = np.zeros(yn.shape[1])
   x_center = None
   if cfg.encoder_center:
-    same = cfg.kind == "sae" and cfg.b_dec_init == "median"
+    same = cfg.kind == "sae" and cfg.b_dec_init == "median"  # b_dec is this median
     x_center = (b_dec if same else geometric_median(xn)).astype(np.float32)
   return InitEstimate(s_in=s_in, s_out=s_out, b_dec=b_dec.astype(np.float32),
                       w_skip=None if w_skip is None else w_skip.astype(np.float32),

@@ -530,6 +530,8 @@ def test_resolve_fills_every_derived_default_once():
   assert cfg.threshold_learning_rate == pytest.approx(10 / 3000)
   assert cfg.init_firing_rate == 0.5  # min(0.5, 10 * 4 / 64)
   assert cfg.dead_window_tokens == 2400  # a tenth of 3000 x 8 tokens
+  assert cfg.replace(init_firing_rate=None, encoder_center=True).resolve(
+  ).init_firing_rate == pytest.approx(2 * 4 / 64)  # a centred start: 2x the target
   with pytest.raises(ValueError, match="width must be a positive integer"):
     TrainConfig(steps=1, batch_size=1, learning_rate=1.0, target_l0=1, d_in=4).resolve()
 
