@@ -346,7 +346,7 @@ def test_encoder_center_keeps_latents_alive_under_a_common_offset():
     out[c] = (float(np.sum((r - x) ** 2) / np.sum((x - x.mean(0)) ** 2)),
               h["dead_fraction"][-1], h["l0"][-1])
     np.testing.assert_allclose(out[c][0], h["fvu"][-1], rtol=0.05)  # saved = trained
-  assert out[True][1] <= 0.05 < out[False][1]
+  assert out[True][1] < 0.15 and out[False][1] > 0.3  # seeds 0, 1: 2-6% against 45-48%
   assert out[True][0] < 0.6 * out[False][0]
   assert abs(out[True][2] / 3 - 1) < 0.2
 
