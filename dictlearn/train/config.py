@@ -75,9 +75,8 @@ class TrainConfig:
       encoders onto that direction. There it leaves a third fewer latents silent and
       reconstructs the rare massive-norm tokens 4-10x better, at about the same FVU on
       the rest (benchmarks/RESULTS.md); on the demo transcoder's normed MLP input it did
-      worse (more silent latents, L0 under the target). Off by default until it is
-      understood more widely.
-      Its start fires at 2x the target L0, not 10x (``init_firing_rate``): from 10x the
+      worse (more silent latents, L0 under the target), so it is off by default. Its
+      start fires at 2x the target L0, not 10x (``init_firing_rate``): from 10x the
       thresholds ended near a row's norm there, and the FVU at 4.
     dec_init: "data": decoder rows start at distinct rows of the init sample (targets less
       b_dec, unit-normed; a transcoder's encoder columns at the matching centred inputs),

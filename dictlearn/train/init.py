@@ -46,9 +46,10 @@ class InitEstimate:
     b_dec: (d_out,) initial decoder bias.
     w_skip: (d_in, d_out) initial skip of an affine transcoder, or None (zeros).
     sample: (n, d_in) the normalised input sample, for the thresholds.
-    x_center: (d_in,) geometric median of ``sample`` (``TrainConfig.encoder_center``).
     targets: (n, d_out) the normalised targets less b_dec and the initial skip (the
       sample itself, less b_dec, for an SAE), for the decoder rows.
+    x_center: (d_in,) geometric median of ``sample`` with ``TrainConfig.encoder_center``,
+      else None.
   """
 
   s_in: float
