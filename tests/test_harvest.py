@@ -83,7 +83,7 @@ def test_train_cli_end_to_end_on_the_270m(tmp_path, capsys):
   out = tmp_path / "sae"
   assert train_cli.main(["--layer", "3", "--width", "64", "--tokens", "1200", "--steps", "8",
                          "--batch-size", "128", "--seq-len", "64", "--loss-norm-cap", "2",
-                         "--encoder-center", "--out", str(out)]) == 0
+                         "--no-encoder-center", "--out", str(out)]) == 0
   d = dl.load(out)
   assert (d.meta.site, d.meta.layer, d.d_in, d.width) == ("resid_post", 3, 640, 64)
   assert "saved sae" in capsys.readouterr().out

@@ -83,10 +83,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--loss-norm-cap", type=float, default=None,
                   help="rows above this multiple of the RMS norm weigh in the loss as rows "
                        "at it (TrainConfig.loss_norm_cap; default: off)")
-  ap.add_argument("--encoder-center", action="store_true",
+  ap.add_argument("--encoder-center", action=argparse.BooleanOptionalAction, default=None,
                   help="the encoder reads x less the data's median while training "
                        "(TrainConfig.encoder_center: fewer silent latents on Gemma's "
-                       "residual; default: off)")
+                       "residual; default: on for SAEs, off for transcoders)")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                   help="dtype of the saved weights")
   ap.add_argument("--out", required=True, help="output folder (Gemma Scope 2 layout)")

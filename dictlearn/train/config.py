@@ -65,7 +65,7 @@ class TrainConfig:
     init_firing_rate: with threshold_init None, the fraction of rows each latent fires on
       at step 0. None: ``min(0.5, 10 * target_l0 / width)`` (a mean L0 of 10 * target_l0
       at the start, which the sparsity warm-up brings down; 2 * target_l0 with
-      ``encoder_center``), or 0.05 without a target.
+      ``encoder_center``, an SAE's default), or 0.05 without a target.
     encoder_scale: w_enc starts as decoder^T (SAE) or unit columns (transcoder) times
       this.
     encoder_center: the encoder reads ``x - c`` during training, ``c`` the geometric
@@ -74,10 +74,10 @@ class TrainConfig:
       part (on the 270M's layer-9 residual the mean is 97% of a row's norm), which pulls
       encoders onto that direction. There it leaves a third fewer latents silent and
       reconstructs the rare massive-norm tokens 4-10x better, at about the same FVU on
-      the rest (benchmarks/RESULTS.md); on the demo transcoder's normed MLP input it did
-      worse (more silent latents, L0 under the target), so it is off by default. Its
-      start fires at 2x the target L0, not 10x (``init_firing_rate``): from 10x the
-      thresholds ended near a row's norm there, and the FVU at 4.
+      the rest (benchmarks/RESULTS.md). None: on for SAEs, off for transcoders (on the
+      demo transcoder's normed MLP input it did worse: more silent latents, L0 under the
+      target). Its start fires at 2x the target L0, not 10x (``init_firing_rate``): from
+      10x the thresholds ended near a row's norm there, and the FVU at 4.
     dec_init: "data": decoder rows start at distinct rows of the init sample (targets less
       b_dec, unit-normed; a transcoder's encoder columns at the matching centred inputs),
       refined by a few k-means-like rounds where the host work is small (see
@@ -146,7 +146,7 @@ class TrainConfig:
   threshold_init: float | None = _init_only(None)
   init_firing_rate: float | None = _init_only(None)
   encoder_scale: float = _init_only(1.0)
-  encoder_center: bool = _init_only(False)
+  encoder_center: bool | None = _init_only(None)
   dec_init: str = _init_only("data")
   warmup_steps: int | None = None
   decay: str = "cosine"
@@ -254,9 +254,10 @@ class TrainConfig:
     def pick(value, default):
       return default if value is None else value
 
+    center = kind == "sae" if self.encoder_center is None else bool(self.encoder_center)
     rate = self.init_firing_rate
     if rate is None:
-      start = 2.0 if self.encoder_center else 10.0
+      start = 2.0 if center else 10.0
       rate = min(0.5, start * target / width) if target is not None else 0.05
     every = self.resample_every
     if every is None:
@@ -274,7 +275,7 @@ class TrainConfig:
         bandwidth=float(pick(self.bandwidth, 0.1 * self.encoder_scale)),
         threshold_init=None if self.threshold_init is None else float(self.threshold_init),
         init_firing_rate=float(rate), encoder_scale=float(self.encoder_scale),
-        encoder_center=bool(self.encoder_center),
+        encoder_center=center,
         warmup_steps=int(pick(self.warmup_steps, min(1000, steps // 20))),
         final_lr_fraction=float(self.final_lr_fraction),
         threshold_learning_rate=float(pick(self.threshold_learning_rate,
