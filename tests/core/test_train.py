@@ -112,8 +112,8 @@ def bernoulli_data(n, n_feat, d, l0, seed, mag=(1.0, 2.0)):
 def test_defaults_reach_the_target_and_recover_the_dictionary(offset):
   # What a new user writes: the target, the run's size and the learning rate; every other
   # setting (thresholds, bandwidth, threshold learning rate...) at its default. The offset
-  # (in mean row norms) is a common part as in Gemma's residual stream: read raw, this run
-  # ended at L0 31 with 16% recovered; the SAE's default centred encoder reaches both.
+  # (in mean row norms) is a common part as in Gemma's residual stream, which a raw encoder
+  # fails on (benchmarks/RESULTS.md, "The centred encoder becomes an SAE's default").
   x, D = bernoulli_data(200_000, 512, 64, 4, seed=0)
   x += offset * np.linalg.norm(x, axis=1).mean() * np.ones(64, np.float32) / 8.0
   d, h = fit(x, width=DEFAULT_WIDTH, target_l0=4, steps=3000, batch_size=1024,
