@@ -15,6 +15,7 @@ scales exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from typing import Any
 
@@ -95,6 +96,16 @@ def _split_block(i: int, block) -> _Block:
                 mlp=pz.nn.Sequential(inner[at["mlp_in"] + 1:at["mlp_out"]]))
 
 
+def _canonical(layer):
+  """``layer`` ready for attribution: parameters frozen and unlabelled, HookPoints dropped,
+  norms and softmaxes frozen and keyed by their path within ``layer``. Blocks of one
+  structure then have one pytree structure, which ``_apply`` traces once."""
+  layer = pz.select(pz.freeze_params(layer)).at_instances_of(pz.ParameterValue).apply(
+      lambda p: dataclasses.replace(p, label=""))
+  layer = pz.select(layer).at_instances_of(HookPoint).apply(lambda _: pz.nn.Identity())
+  return _freeze_layers(layer)
+
+
 def _freeze_layers(tree):
   def rms(path, layer):
     across = (layer.across,) if isinstance(layer.across, str) else tuple(layer.across)
@@ -106,11 +117,6 @@ def _freeze_layers(tree):
       with_keypath=True)
 
 
-def _side(n_pos, frozen=None, record=None):
-  return dict(token_positions=pz.nx.arange("seq", n_pos), dictlearn_frozen=frozen,
-              dictlearn_record=record)
-
-
 def _wrap(v):
   return pz.nx.wrap(v).tag("seq", "embedding")
 
@@ -119,18 +125,38 @@ def _plain(v):
   return v.unwrap("seq", "embedding").astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames="record")
+def _apply(layer, x, positions, frozen, record):
+  """``layer(x)`` on a (seq, embedding) named array, and what its frozen layers recorded
+  (None unless ``record``). A jitted call of its own, so that layers of one structure
+  (``_canonical``: every local-attention block's attention, say) are traced once."""
+  rec = {} if record else None
+  y = layer(x, token_positions=positions, dictlearn_frozen=frozen, dictlearn_record=rec)
+  return y, rec
+
+
 def _run_blocks(params, x0, mlp, frozen=None, record=None):
-  """``attribution.LinearizableModel.forward`` for the parts built by ``linearizable``."""
+  """``attribution.LinearizableModel.forward`` for the parts built by ``linearizable``;
+  what it records is ``{"blocks": [per block {key: value}], "final": {key: value}}``."""
   blocks, final_norm = params
-  side = _side(x0.shape[0], frozen, record)
+  positions = pz.nx.arange("seq", x0.shape[0])
+  keep = record is not None
+  recorded = []
   x = _wrap(x0)
   for layer, block in enumerate(blocks):
-    x = block.attention(x, **side)
-    h = block.pre_mlp(x, **side)
+    fz = None if frozen is None else frozen["blocks"][layer]
+    x, rec = _apply(block.attention, x, positions, fz, keep)
+    h, rec_mlp = _apply(block.pre_mlp, x, positions, fz, keep)
+    recorded.append({**rec, **rec_mlp} if keep else None)
     dtype = h.dtype
-    real = lambda v, block=block: _plain(block.mlp(_wrap(v.astype(dtype)), **side))
+    real = lambda v, mlp_layer=block.mlp: _plain(
+        _apply(mlp_layer, _wrap(v.astype(dtype)), positions, None, False)[0])
     x = x + _wrap(mlp(layer, _plain(h), real).astype(x.dtype))
-  return _plain(final_norm(x, **side))
+  out, rec = _apply(final_norm, x, positions, None if frozen is None else frozen["final"],
+                    keep)
+  if keep:
+    record.update(blocks=recorded, final=rec)
+  return _plain(out)
 
 
 def _value(p) -> NamedArray:
@@ -166,21 +192,23 @@ def _linear_blocks(params, frozen, n_pos: int, d: int) -> attribution.LinearBloc
   input (recorded 1/rms times weight), so applied to ones it gives its multiplier; the
   attention arrays are read from the layers and the recorded patterns."""
   blocks, final_norm = params
-  side = _side(n_pos, frozen)
   ones = _wrap(jnp.ones((n_pos, d), jnp.float32))
-  multiplier = lambda layers: _plain(pz.nn.Sequential(list(layers))(ones, **side))
+  positions = pz.nx.arange("seq", n_pos)
+  multiplier = lambda layers, fz: _plain(pz.nn.Sequential(list(layers))(  # noqa: E731
+      ones, token_positions=positions, dictlearn_frozen=fz, dictlearn_record=None))
   parts = {k: [] for k in ("attn_norm", "patterns", "w_v", "w_o", "attn_out_norm",
                            "mlp_norm")}
-  for block in blocks:
+  for block, fz in zip(blocks, frozen["blocks"]):
     subs = list(block.attention.delta.sublayers)
     at = next(i for i, s in enumerate(subs) if isinstance(s, pz.nn.Attention))
-    patterns, w_v, w_o = _attention_arrays(subs[at], frozen)
-    for key, value in (("attn_norm", multiplier(subs[:at])), ("patterns", patterns),
-                       ("w_v", w_v), ("w_o", w_o), ("attn_out_norm", multiplier(subs[at + 1:])),
-                       ("mlp_norm", multiplier([block.pre_mlp]))):
+    patterns, w_v, w_o = _attention_arrays(subs[at], fz)
+    for key, value in (("attn_norm", multiplier(subs[:at], fz)), ("patterns", patterns),
+                       ("w_v", w_v), ("w_o", w_o),
+                       ("attn_out_norm", multiplier(subs[at + 1:], fz)),
+                       ("mlp_norm", multiplier([block.pre_mlp], fz))):
       parts[key].append(value)
   return attribution.LinearBlocks(**{k: jnp.stack(v) for k, v in parts.items()},
-                                  final_norm=multiplier([final_norm]))
+                                  final_norm=multiplier([final_norm], frozen["final"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,9 +241,8 @@ def linearizable(model) -> Linearized:
     raise ValueError("attribution needs a Gemma model from dictlearn_penzai.from_gemma_params "
                      "or from_gemma2_params (embedding, transformer blocks, final norm, tied "
                      "unembedding, optional logit soft-cap)")
-  blocks = tuple(_split_block(i, body[j]) for i, j in enumerate(at))
-  final_norm = pz.nn.Sequential(body[at[-1] + 1:-1])
-  params = pz.freeze_params(_freeze_layers((blocks, final_norm)))
+  blocks = tuple(_canonical(_split_block(i, body[j])) for i, j in enumerate(at))
+  params = (blocks, _canonical(pz.nn.Sequential(body[at[-1] + 1:-1])))
   unembedding = _value(body[-1].table.embeddings).unwrap("vocabulary", "embedding")
   embed = pz.freeze_params(pz.nn.Sequential(body[:at[0]]))
   core = attribution.LinearizableModel(params=params, forward=_run_blocks,
