@@ -377,7 +377,7 @@ def main(argv=None):
   for name, (m, _) in results.items():
     for i, c in enumerate(m["calls"]):
       label = {("dictlearn", 0): "1st (compiles)", ("dictlearn", 1): "2nd (compiled)"}.get(
-          (name, i), f"{i + 1}{'st' if i == 0 else 'nd' if i == 1 else 'th'}")
+          (name, i), f"{i + 1}{ {1: 'st', 2: 'nd', 3: 'rd'}.get(i + 1, 'th')}")
       ratio = ("" if ct_wall is None or not name.startswith("dictlearn")
                else f"{ct_wall / c['wall_s']:.2f}")
       if name == "circuit-tracer" and i == 0:

@@ -32,8 +32,9 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
 
   A later process that compiles the same program (same shapes, same jax and device) loads
   it instead: a second ``dictlearn circuit`` on a prompt of similar length, a re-run tour.
-  Programs that compiled in under a quarter second are not stored (attribution's rows,
-  about half a second, are). ``$DICTLEARN_COMPILATION_CACHE=0`` leaves JAX's settings
+  Every program is stored, the small ones too: loading one is several times quicker than
+  compiling it, and the entries are small (the least recently used go past 1 GiB).
+  ``$DICTLEARN_COMPILATION_CACHE=0`` leaves JAX's settings
   alone; so does a cache folder set already (by the user or JAX's own
   ``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use, or None.
   """
@@ -47,5 +48,6 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
   folder = pathlib.Path(folder) if folder is not None else root() / "jax"
   folder.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(folder))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.25)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_compilation_cache_max_size", 1 << 30)
   return folder

@@ -222,8 +222,13 @@ class Linearized:
 
   def embeddings(self, tokens) -> jax.Array:
     """(n_pos, d) float32 scaled embeddings of token ids (n_pos,)."""
-    ids = pz.nx.wrap(jnp.asarray(tokens, jnp.int32).reshape(-1)).tag("seq")
-    return self.embed(ids).unwrap("seq", "embedding").astype(jnp.float32)
+    return _embed(self.embed, jnp.asarray(tokens, jnp.int32).reshape(-1))
+
+
+@jax.jit
+def _embed(embed, ids):
+  """One program (not one per penzai op) for ``Linearized.embeddings``."""
+  return embed(pz.nx.wrap(ids).tag("seq")).unwrap("seq", "embedding").astype(jnp.float32)
 
 
 def linearizable(model) -> Linearized:
