@@ -382,6 +382,11 @@ def _packed(order: np.ndarray, need: np.ndarray, batch: int, n: int):
     i += k
 
 
+# Every prompt up to this many tokens runs its clean run at this length: one compiled clean
+# run serves them all, while their rows run at the prompt's ``bucket`` length.
+SHORT_PROMPT = 32
+
+
 def bucket(n: int, least: int = 8) -> int:
   """``n`` rounded up to 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ... (four sizes an octave):
   the padded sizes that let prompts of similar length share compiled functions, for at
@@ -576,10 +581,11 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     split_rows_from: from this many tokens on, a row runs only the prefix its target
       needs (4 prefix lengths, each compiled once). Every batch of rows runs only the
       blocks below its highest target (rows are batched by layer).
-    pad_shapes: run the prompt padded to a ``bucket`` length and each layer's feature list
-      to a bucketed size (pads change no edge), so that prompts of similar size reuse the
-      compiled row functions (and, with JAX's persistent compilation cache, later
-      processes do too); False compiles for the exact sizes.
+    pad_shapes: run the prompt padded to a ``bucket`` length (its clean run to at least
+      ``SHORT_PROMPT``) and each layer's feature list to a bucketed size (pads change no
+      edge), so that prompts of similar size reuse the compiled functions (and, with JAX's
+      persistent compilation cache, later processes do too); False compiles for the exact
+      sizes.
     progress: a tqdm bar over the rows.
 
   Returns:
@@ -592,8 +598,9 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
     raise ValueError(f"tokens has {tokens.shape[0]} positions but x0 has {n_pos}")
   rep = replacement(transcoders, model.n_layers, d)
   # The model is causal: positions appended after the prompt change nothing before them.
-  n_run = bucket(n_pos) if pad_shapes else n_pos
-  padded_x0 = np.zeros((n_run, d), np.float32)  # (host arrays: eager ops compile per shape)
+  n_run = bucket(n_pos) if pad_shapes else n_pos  # The rows' length,
+  n_clean = max(n_run, SHORT_PROMPT) if pad_shapes else n_pos  # and the clean run's.
+  padded_x0 = np.zeros((n_clean, d), np.float32)  # (host arrays: eager ops compile per shape)
   padded_x0[:n_pos] = np.asarray(x0)
   x0 = jnp.asarray(padded_x0)
   blocks, acts, err, logits = _clean_blocks(
@@ -613,8 +620,8 @@ def attribute(model: LinearizableModel, x0: Array, tokens, transcoders, *,
   # tokens of the prompt's positions.
   real = np.arange(n_pos)
   source_cols = np.concatenate([
-      slot, n_slots + (np.arange(model.n_layers)[:, None] * n_run + real).ravel(),
-      n_slots + model.n_layers * n_run + real])
+      slot, n_slots + (np.arange(model.n_layers)[:, None] * n_clean + real).ravel(),
+      n_slots + model.n_layers * n_clean + real])
   n_sources = n_active + model.n_layers * n_pos + n_pos
   n_nodes = n_sources + n_logits
 

@@ -275,6 +275,17 @@ def test_prompts_of_similar_size_share_the_compiled_rows():
   assert shared >= 3
 
 
+def test_short_prompts_share_one_compiled_clean_run():
+  model, _ = toy_model()
+  rng = np.random.default_rng(12)
+  before = attribution._clean_blocks._cache_size()
+  for n in (5, 11, 20, attribution.SHORT_PROMPT):  # Four row buckets: 8, 12, 20, 32.
+    tokens = rng.integers(0, VOCAB, n)
+    attribution.attribute(model, model.unembedding[tokens] * np.sqrt(D), tokens,
+                          transcoders(), max_n_logits=1, progress=False)
+  assert attribution._clean_blocks._cache_size() - before <= 1
+
+
 def test_sharded_rows_equal_one_device():
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
