@@ -7,7 +7,9 @@ so the resolved config is what the step, the logs and the checkpoints all read.
 Fields marked ``metadata={"step": False}`` only decide the initialisation or the data
 order; every other field decides the compiled training step and is part of its cache key
 (:meth:`TrainConfig.step_key`). A new field is in the key unless it is marked otherwise,
-so forgetting the mark costs a compilation, never a wrong executable.
+so forgetting the mark costs a compilation, never a wrong executable. Of those, the ones
+also marked ``"start_only"`` decide nothing but the starting state, which a resumed run
+reads from its checkpoint instead.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import jax.numpy as jnp
 from dictlearn.train import objective
 
 
-def _init_only(default):
-  """A field that does not change the compiled step (initialisation, data order)."""
-  return dataclasses.field(default=default, metadata={"step": False})
+def _init_only(default, *, start_only: bool = False):
+  """A field that does not change the compiled step (initialisation, data order);
+  ``start_only``: one that decides only the starting state."""
+  return dataclasses.field(default=default, metadata={"step": False, "start_only": start_only})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +146,11 @@ class TrainConfig:
   affine: bool = True
   matryoshka: tuple[int, ...] = ()
   bandwidth: float | None = None
-  threshold_init: float | None = _init_only(None)
-  init_firing_rate: float | None = _init_only(None)
+  threshold_init: float | None = _init_only(None, start_only=True)
+  init_firing_rate: float | None = _init_only(None, start_only=True)
   encoder_scale: float = _init_only(1.0)
-  encoder_center: bool | None = _init_only(None)
-  dec_init: str = _init_only("data")
+  encoder_center: bool | None = _init_only(None, start_only=True)
+  dec_init: str = _init_only("data", start_only=True)
   warmup_steps: int | None = None
   decay: str = "cosine"
   final_lr_fraction: float = 0.0
@@ -162,11 +165,11 @@ class TrainConfig:
   resample_every: int | None = None
   resample_until: int | None = None
   resample_below: float = 0.1
-  normalize: bool = _init_only(True)
-  b_dec_init: str = _init_only("median")
-  skip_init: str = _init_only("zeros")
+  normalize: bool = _init_only(True, start_only=True)
+  b_dec_init: str = _init_only("median", start_only=True)
+  skip_init: str = _init_only("zeros", start_only=True)
   skip_hold_steps: int | None = None
-  init_samples: int = _init_only(16384)
+  init_samples: int = _init_only(16384, start_only=True)
   shuffle_buffer: int = _init_only(65536)
   compute_dtype: str = "float32"
   d_in: int | None = None
@@ -313,15 +316,18 @@ class _Widths:
   d_out: int | None
 
 
-def check_resume(cfg: TrainConfig, saved: dict, folder) -> list[str]:
+def check_resume(cfg: TrainConfig, saved: dict, folder) -> tuple[list[str], list[str]]:
   """Raises if ``saved`` (a checkpoint's config) has another shape; returns the names of
-  the other settings that changed."""
+  the other settings that changed: those that change the rest of the run, and those that
+  decide only the start (which the resumed run takes from the checkpoint)."""
   now = cfg.to_json()
   bad = [k for k in TrainConfig.STRUCTURAL if saved.get(k) != now[k]]
   if bad:
     raise ValueError(
         f"{folder} was trained with a different {', '.join(bad)} "
         f"({', '.join(f'{k}={saved.get(k)!r}' for k in bad)}); use a fresh checkpoint_dir")
-  return [k for k in now if k not in TrainConfig.STRUCTURAL and saved.get(k) != now[k]]
+  changed = [k for k in now if k not in TrainConfig.STRUCTURAL and saved.get(k) != now[k]]
+  start = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("start_only")}
+  return [k for k in changed if k not in start], [k for k in changed if k in start]
 
 

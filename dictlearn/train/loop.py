@@ -136,10 +136,14 @@ def fit(data, config: TrainConfig | None = None, *, targets=None,
   found = ckpt.latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
   if found is not None:
     info = ckpt.read_info(found)
-    changed = check_resume(cfg, info.get("config", {}), found)
+    changed, unused = check_resume(cfg, info.get("config", {}), found)
     if changed:
       warnings.warn(f"resuming {found} with changed settings {changed}: the result will "
                     "differ from an uninterrupted run with either setting", stacklevel=2)
+    if unused:
+      warnings.warn(f"resuming {found}: {unused} only decide how a run starts, so this run "
+                    "continues from the checkpoint's start as it was; use a fresh "
+                    "checkpoint_dir to start with them", stacklevel=2)
     state, info = ckpt.load_checkpoint(
         found, jax.eval_shape(lambda: initial_state(cfg, opt)))
     scales = tuple(info["scales"])

@@ -206,6 +206,21 @@ def test_resume_equals_uninterrupted(tiny, baseline, tmp_path):
   assert leaves_equal(d0, d3) and np.array_equal(h0["loss"], h3["loss"])
 
 
+def test_resume_says_which_changed_settings_matter(tiny, baseline, tmp_path):
+  d0, _ = baseline
+  fit(tiny, checkpoint_dir=tmp_path / "a", checkpoint_every=15, **TINY)
+  shutil.rmtree(tmp_path / "a" / "step_00000040")
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  # A start-only setting changes nothing once the start is in the checkpoint.
+  with pytest.warns(UserWarning, match=r"\['init_samples'\] only decide how a run starts"):
+    d1, _ = fit(tiny, checkpoint_dir=tmp_path / "a", checkpoint_every=15,
+                **dict(TINY, init_samples=1000))
+  assert leaves_equal(d0, d1)
+  with pytest.warns(UserWarning, match=r"changed settings \['seed'\]: the result will differ"):
+    d2, _ = fit(tiny, checkpoint_dir=tmp_path / "b", checkpoint_every=15, **dict(TINY, seed=1))
+  assert not leaves_equal(d0, d2)
+
+
 def test_resume_across_resamplings_equals_uninterrupted(tiny, tmp_path):
   kw = dict(TINY, resample_until=35)
   d0, h0 = fit(tiny, **kw)
