@@ -162,6 +162,34 @@ def test_circuit_command_writes_the_page_and_the_graph_file(tmp_path):
       assert json.dumps(n["dashboard_url"])[1:-1] in page
 
 
+def test_logit_lens_tokens_are_the_decoder_rows_strongest_logits():
+  from dictlearn_penzai import circuit_cli
+  rng = np.random.default_rng(5)
+  d, vocab = 8, 50
+  table = rng.standard_normal((vocab, d)).astype(np.float32)
+  w_dec = rng.standard_normal((2, 3, 2, d)).astype(np.float32)  # CLT: (layer, latent, out)
+  clt = dictlearn.CrossLayerTranscoder(
+      w_enc=jnp.zeros((2, d, 3)), b_enc=jnp.zeros((2, 3)), threshold=jnp.zeros((2, 3)),
+      w_dec=jnp.asarray(w_dec), b_dec=jnp.zeros((2, d)))
+  per_layer = {L: dictlearn.random_dictionary(jax.random.key(L), d, 3, kind="transcoder")
+               .replace(w_dec=jnp.asarray(w_dec[L, :, L])) for L in range(2)}
+
+  class Tok:
+    def decode(self, ids):
+      return f"<{ids[0]}>"
+
+  for transcoders in (clt, per_layer):
+    data = {"nodes": [{"node_id": "1_2_4", "feature_type": "cross layer transcoder"},
+                      {"node_id": "0_0_1", "feature_type": "cross layer transcoder"},
+                      {"node_id": "E_30_1", "feature_type": "embedding"}]}
+    circuit_cli.add_logit_lens(data, transcoders, jnp.asarray(table), Tok(), k=3)
+    for node, (layer, latent) in zip(data["nodes"], [(1, 2), (0, 0)]):
+      scores = table @ w_dec[layer, latent, layer]
+      assert node["logit_lens"] == {"top": [f"<{i}>" for i in np.argsort(-scores)[:3]],
+                                    "bottom": [f"<{i}>" for i in np.argsort(scores)[:3]]}
+    assert "logit_lens" not in data["nodes"][2]
+
+
 def _fixture_transcoders(z, case):
   """The seeded transcoders circuit-tracer's graphs were computed with (no weights in git)."""
   import circuit_transcoders as ct

@@ -29,10 +29,9 @@ import json
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 
 import dictlearn as dl
-from dictlearn import graph_view, graphs
+from dictlearn import dashboards, graph_view, graphs
 from dictlearn.io import DictionaryFileError
 from dictlearn_penzai import circuits
 from dictlearn_penzai.train_cli import default_model
@@ -85,24 +84,24 @@ def load_transcoders(folder: str | Path):
   return out
 
 
-def _logit_lens(decoder_row, unembedding, tokenizer, k=5) -> dict:
-  scores = np.asarray(unembedding) @ np.asarray(decoder_row, np.float32)
-  top, bottom = np.argsort(-scores)[:k], np.argsort(scores)[:k]
-  return {"top": [tokenizer.decode([int(i)]) for i in top],
-          "bottom": [tokenizer.decode([int(i)]) for i in bottom]}
-
-
-def add_logit_lens(data: dict, transcoders, unembedding, tokenizer):
+def add_logit_lens(data: dict, transcoders, unembedding, tokenizer, k: int = 5):
   """Adds each feature node's logit-lens tokens (its decoder row into its own layer)."""
-  for node in data["nodes"]:
-    if node["feature_type"] != graphs.FEATURE:
-      continue
+  nodes = [n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE]
+  if not nodes:
+    return
+  rows = []
+  for node in nodes:
     layer, latent, _ = (int(v) for v in node["node_id"].split("_"))
     if isinstance(transcoders, dl.CrossLayerTranscoder):
-      row = transcoders.w_dec[layer, latent, layer]
+      rows.append(transcoders.w_dec[layer, latent, layer])
     else:
-      row = transcoders[layer].w_dec[latent]
-    node["logit_lens"] = _logit_lens(row, unembedding, tokenizer)
+      rows.append(transcoders[layer].w_dec[latent])
+  table = jnp.asarray(unembedding, jnp.float32)  # (vocab, d)
+  top, _, bottom, _ = dashboards.logit_lens(
+      jnp.stack(rows), lambda r: jnp.einsum("md,vd->mv", r, table), k)
+  word = lambda i: tokenizer.decode([int(i)])  # noqa: E731
+  for node, t, b in zip(nodes, top, bottom):
+    node["logit_lens"] = {"top": [word(i) for i in t], "bottom": [word(i) for i in b]}
 
 
 def main(argv=None) -> int:
