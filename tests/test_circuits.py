@@ -108,6 +108,14 @@ def test_hooks_on_the_model_are_ignored(tiny):
   np.testing.assert_array_equal(a.adjacency, b.adjacency)
 
 
+def test_blocks_of_one_kind_share_one_structure(tiny):
+  # What lets their jitted calls trace once: 6 local-attention blocks and a global one.
+  blocks, _ = circuits.linearizable(tiny[0]).model.params
+  structures = [jax.tree_util.tree_structure(b) for b in blocks]
+  assert len(blocks) == 7 and len(set(structures)) == 2
+  assert len(set(structures[:5] + structures[6:])) == 1
+
+
 def test_a_model_is_split_once_while_it_lives(tiny):
   import gc
   model, _ = tiny

@@ -7,9 +7,9 @@ arrays with an MLP callback in place of each MLP, and reading the frozen blocks 
 ``attribution.LinearBlocks`` arrays.
 
 A frozen layer passes no gradient. With the ``dictlearn_record`` side input (a dict) it
-stores its value there under its key; with ``dictlearn_frozen`` (such a dict) it returns
-the stored value instead of computing one, so a run can replay a clean run's patterns and
-scales exactly.
+stores its value there under its key (its path within its block); with ``dictlearn_frozen``
+(such a dict) it returns the stored value instead of computing one, so a run can replay a
+clean run's patterns and scales exactly.
 """
 
 from __future__ import annotations
