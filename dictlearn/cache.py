@@ -33,10 +33,10 @@ def enable_compilation_cache(folder: str | os.PathLike | None = None) -> pathlib
   A later process that compiles the same program (same shapes, same jax and device) loads
   it instead: a second ``dictlearn circuit`` on a prompt of similar length, a re-run tour.
   Every program is stored, the small ones too: loading one is several times quicker than
-  compiling it, and the entries are small (the least recently used go past 1 GiB).
-  ``$DICTLEARN_COMPILATION_CACHE=0`` leaves JAX's settings
-  alone; so does a cache folder set already (by the user or JAX's own
-  ``JAX_COMPILATION_CACHE_DIR``). Returns the folder in use, or None.
+  compiling it, and entries are small (past 1 GiB the least recently used are deleted).
+  ``$DICTLEARN_COMPILATION_CACHE=0`` leaves JAX's settings alone; so does a cache folder
+  set already (by the user or JAX's own ``JAX_COMPILATION_CACHE_DIR``). Returns the folder
+  in use, or None.
   """
   import jax
 
