@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -95,13 +96,17 @@ def lens_logits(model, convention: str = "raw"):
   if convention == "raw":
     tail = pz.select(tail).at_instances_of(pz.nn.EmbeddingDecode).get_sequence()
   tail = [layer for layer in tail if not isinstance(layer, pz.nn.TanhSoftCap)]
+  tail = pz.freeze_params(tail)
+  return lambda rows: _through(tail, jnp.asarray(rows, jnp.float32))
 
-  def logits(rows):
-    x = pz.nx.wrap(jnp.asarray(rows, jnp.float32)).tag("latent", "embedding")
-    for layer in tail:
-      x = layer(x)
-    return x.astype(jnp.float32).unwrap("latent", "vocabulary")
-  return logits
+
+@jax.jit
+def _through(tail, rows):
+  """rows (n, d_model) through the layers ``tail``: one program, not one per penzai op."""
+  x = pz.nx.wrap(rows).tag("latent", "embedding")
+  for layer in tail:
+    x = layer(x)
+  return x.astype(jnp.float32).unwrap("latent", "vocabulary")
 
 
 def write(results: dashboards.Dashboards, out_dir, tokenizer, unembedding=None, *,
