@@ -190,7 +190,7 @@ def test_logit_lens_tokens_are_the_decoder_rows_strongest_logits():
     data = {"nodes": [{"node_id": "1_2_4", "feature_type": "cross layer transcoder"},
                       {"node_id": "0_0_1", "feature_type": "cross layer transcoder"},
                       {"node_id": "E_30_1", "feature_type": "embedding"}]}
-    circuit_cli.add_logit_lens(data, transcoders, jnp.asarray(table), Tok(), k=3)
+    circuit_cli.add_logit_lens(data, transcoders, jnp.asarray(table.T), Tok(), k=3)
     for node, (layer, latent) in zip(data["nodes"], [(1, 2), (0, 0)]):
       scores = table @ w_dec[layer, latent, layer]
       assert node["logit_lens"] == {"top": [f"<{i}>" for i in np.argsort(-scores)[:3]],

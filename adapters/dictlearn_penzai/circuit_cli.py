@@ -34,6 +34,7 @@ import dictlearn as dl
 from dictlearn import dashboards, graph_view, graphs
 from dictlearn.io import DictionaryFileError
 from dictlearn_penzai import circuits
+from dictlearn_penzai.dashboards import lens_logits
 from dictlearn_penzai.train_cli import default_model
 
 
@@ -85,7 +86,9 @@ def load_transcoders(folder: str | Path):
 
 
 def add_logit_lens(data: dict, transcoders, unembedding, tokenizer, k: int = 5):
-  """Adds each feature node's logit-lens tokens (its decoder row into its own layer)."""
+  """Adds each feature node's logit-lens tokens (its decoder row into its own layer);
+  ``unembedding`` as ``dictlearn.dashboards.logit_lens`` takes it: W_U (d, vocab), or rows
+  (n, d) -> logits (n, vocab) such as ``dictlearn_penzai.dashboards.lens_logits(model)``."""
   nodes = [n for n in data["nodes"] if n["feature_type"] == graphs.FEATURE]
   if not nodes:
     return
@@ -96,9 +99,7 @@ def add_logit_lens(data: dict, transcoders, unembedding, tokenizer, k: int = 5):
       rows.append(transcoders.w_dec[layer, latent, layer])
     else:
       rows.append(transcoders[layer].w_dec[latent])
-  table = jnp.asarray(unembedding, jnp.float32)  # (vocab, d)
-  top, _, bottom, _ = dashboards.logit_lens(
-      jnp.stack(rows), lambda r: jnp.einsum("md,vd->mv", r, table), k)
+  top, _, bottom, _ = dashboards.logit_lens(jnp.stack(rows), unembedding, k)
   word = lambda i: tokenizer.decode([int(i)])  # noqa: E731
   for node, t, b in zip(nodes, top, bottom):
     node["logit_lens"] = {"top": [word(i) for i in t], "bottom": [word(i) for i in b]}
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
   data = graphs.to_json(graph, slug=Path(args.out).stem,
                         token_strings=lambda i: tokenizer.decode([int(i)]),
                         node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
-  add_logit_lens(data, transcoders, lin.model.unembedding, tokenizer)
+  add_logit_lens(data, transcoders, lens_logits(model), tokenizer)
   out = Path(args.out)
   linked = sum(dashboards.link_graph(data, folder, relative_to=out.resolve().parent)
                for folder in args.dashboards)
